@@ -1,3 +1,836 @@
-"""model.py: placeholder while Step 1 lands (constants shared with data.py)."""
+"""
+model.py: the vision-language model of MoE-LLaVA / LLaVA-1.5, written to be read.
+
+    pixels -> VisionTower (CLIP or SigLIP ViT) -> Projector (mlp2x_gelu | linear)
+           -> spliced into the token embeddings at each <image> placeholder
+           -> LanguageModel (one decoder, per-family options) -> logits
+
+What is here, top to bottom:
+  1. configs        VisionConfig, LMConfig, LlavaConfig (dataclasses; `from_hf` reads HF config.json)
+  2. vision tower   CLIP ViT (class token, pre-LN, quick-GELU) and SigLIP ViT (no class token,
+                    tanh-GELU); returns the hidden state of `select_layer` (default -2)
+  3. projector      mlp2x_gelu (Linear, exact GELU, Linear) or linear
+  4. decoder        RMSNorm/LayerNorm, RoPE (HF rotate-half convention, partial rotary), attention
+                    with SDPA + GQA + KV cache, SwiGLU or GELU MLP, sequential or parallel blocks.
+                    Families: Llama / Mistral / Qwen2 ('llama'), StableLM-2 ('stablelm'),
+                    Phi-2 ('phi'), Qwen-1 ('qwen'). One class, options, no class per family.
+  5. LLaVA glue     image features spliced at IMAGE_TOKEN_INDEX positions (labels -100 there)
+  6. generation     batched greedy decoding, left padding, KV cache, per-sequence EOS stop
+  7. loading        HF checkpoint dirs (safetensors, sharded, or pytorch_model.bin read with
+                    weights_only=True) through one strict key map per family.
+
+The semantics follow ../shared/reference/moe_llava.md §1-2 (MoE-LLaVA at 6cb5f66, transformers 4.37);
+MoE layers (moe.py) replace the dense MLPs in Step 2 and report routing through `out.routing`.
+
+Shapes: B batch, T tokens, S cached keys, D model width, H / Hkv query / key-value heads,
+hd head dim, V vocab, N images, P patches per image, C vision width.
+"""
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
 IGNORE_INDEX = -100        # label value the loss ignores (MoE-LLaVA constants.py)
 IMAGE_TOKEN_INDEX = -200   # input id standing for one image's features (MoE-LLaVA constants.py)
+
+# -----------------------------------------------------------------------------
+# 1. Configs
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,                                           # exact erf GELU
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),      # Phi-2; same formula as HF gelu_new
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),  # SigLIP
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),     # OpenAI CLIP
+}
+
+
+@dataclass
+class VisionConfig:
+    kind: str = "clip"                 # 'clip' (class token, pre-LN) | 'siglip' (no class token, patch bias)
+    image_size: int = 336
+    patch_size: int = 14
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    num_channels: int = 3
+    norm_eps: float = 1e-5
+    act: str = "quick_gelu"
+    select_layer: int = -2             # index into HF hidden_states (0 = embeddings); -2 = penultimate block
+    select_feature: str = "patch"      # 'patch' drops token 0 (also for SigLIP: 728 tokens, MoE-LLaVA parity)
+
+    def __post_init__(self):
+        assert self.kind in ("clip", "siglip"), f"unknown vision kind {self.kind!r}"
+        assert self.select_feature in ("patch", "cls_patch"), f"unknown select_feature {self.select_feature!r}"
+        assert self.act in ACTIVATIONS, f"unknown activation {self.act!r}"
+        self.num_patches = (self.image_size // self.patch_size) ** 2
+        self.num_positions = self.num_patches + (self.kind == "clip")
+        # hidden_states has num_layers + 1 entries; only the blocks up to select_layer are ever run, so
+        # only those are built (the skipped blocks and post-LN are documented ignorable checkpoint keys).
+        n = self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
+        assert 0 <= n <= self.num_layers, f"select_layer {self.select_layer} out of range for {self.num_layers} layers"
+        self.num_layers_run = n
+        self.num_features = self.num_positions - (self.select_feature == "patch")   # P: 576 CLIP-336, 728 SigLIP-384
+
+    @classmethod
+    def from_hf(cls, cfg: dict, **overrides):
+        """From an HF config.json of CLIPVisionModel / SiglipVisionModel, or CLIPModel / SiglipModel
+        (its vision_config). Absent fields take the HF class defaults, as HF itself does."""
+        kind = "siglip" if cfg.get("model_type", "").startswith("siglip") else "clip"
+        if "vision_config" in cfg:
+            cfg = cfg["vision_config"]
+        defaults = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                        num_channels=3, image_size=224, patch_size=32 if kind == "clip" else 16,
+                        hidden_act="quick_gelu" if kind == "clip" else "gelu_pytorch_tanh",
+                        layer_norm_eps=1e-5 if kind == "clip" else 1e-6)
+        get = lambda k: cfg.get(k, defaults[k])
+        return cls(kind=kind, image_size=get("image_size"), patch_size=get("patch_size"),
+                   hidden_size=get("hidden_size"), intermediate_size=get("intermediate_size"),
+                   num_layers=get("num_hidden_layers"), num_heads=get("num_attention_heads"),
+                   num_channels=get("num_channels"), norm_eps=get("layer_norm_eps"), act=get("hidden_act"),
+                   **overrides)
+
+
+@dataclass
+class LMConfig:
+    family: str = "llama"              # 'llama' (Llama, Mistral, Qwen2) | 'stablelm' | 'phi' | 'qwen' (Qwen-1)
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008     # per branch (Qwen-1's config stores twice this)
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 0              # 0 -> num_heads (no GQA)
+    head_dim: int = 0                  # 0 -> hidden_size // num_heads
+    norm: str = "rmsnorm"              # 'rmsnorm' | 'layernorm' (with bias)
+    norm_eps: float = 1e-6
+    mlp: str = "swiglu"                # 'swiglu' (gate/up/down) | 'gelu' (fc1 -> act -> fc2, Phi-2)
+    act: str = "silu"
+    parallel_block: bool = False       # Phi-2 / StableLM parallel residual: x + Attn(LN(x)) + MLP(LN(x))
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    lm_head_bias: bool = False
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 1.0  # fraction of head_dim that is rotated (StableLM-2 0.25, Phi-2 0.4)
+    rope_scaling: dict = field(default_factory=dict)   # {} | {'rope_type': 'linear'|'llama3', ...}
+    sliding_window: int = 0            # 0 = none; Mistral-style window over cache positions
+    max_position_embeddings: int = 4096
+
+    def __post_init__(self):
+        assert self.family in ("llama", "stablelm", "phi", "qwen"), f"unknown LM family {self.family!r}"
+        assert self.norm in ("rmsnorm", "layernorm") and self.mlp in ("swiglu", "gelu")
+        assert self.act in ACTIVATIONS, f"unknown activation {self.act!r}"
+        self.num_kv_heads = self.num_kv_heads or self.num_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_heads
+        assert self.num_heads % self.num_kv_heads == 0, f"{self.num_heads} heads not divisible into {self.num_kv_heads} kv heads"
+        self.rotary_dim = int(self.head_dim * self.partial_rotary_factor)
+        rope_type = self.rope_scaling.get("rope_type", "default")
+        assert rope_type in ("default", "linear", "llama3"), f"unsupported rope_type {rope_type!r}"
+
+    @classmethod
+    def from_hf(cls, cfg: dict):
+        """From an HF config.json: llama / mistral / qwen2 / stablelm (also the older stablelm_epoch
+        names) / phi / qwen (Qwen-1) and the llava_* / moe_llava_* configs built on them.
+        Absent fields take the HF class defaults of that family."""
+        model_type = cfg.get("model_type", "")
+        base = re.sub(r"^(moe_)?llava_?", "", model_type) or "llama"   # 'llava' alone is LLaVA-1.5 on Llama
+        g = cfg.get
+        if base.startswith("qwen1_5") or base.startswith("qwen2"):
+            base = "qwen2"
+        rope = dict(g("rope_parameters") or {})                  # transformers >= 5
+        rope.update({k: v for k, v in (g("rope_scaling") or {}).items() if k not in rope})  # transformers 4
+        if "type" in rope:
+            rope["rope_type"] = rope.pop("type")
+        theta = rope.pop("rope_theta", g("rope_theta", 10000.0))
+        partial = rope.pop("partial_rotary_factor", None)
+        scaling = rope if rope.get("rope_type", "default") != "default" else {}
+        common = dict(vocab_size=g("vocab_size"), hidden_size=g("hidden_size"),
+                      num_layers=g("num_hidden_layers"), num_heads=g("num_attention_heads"),
+                      max_position_embeddings=g("max_position_embeddings", 4096))
+        if g("qk_layernorm", False):
+            raise ValueError(f"{model_type}: qk_layernorm=True is not supported (StableLM-2-12B style)")
+        if base in ("llama", "mistral", "qwen2"):
+            if base == "qwen2" and g("use_sliding_window", False):
+                raise ValueError("qwen2 with use_sliding_window=True is not supported")
+            window = g("sliding_window", 4096) if base == "mistral" else 0
+            bias = base == "qwen2" or g("attention_bias", False)   # Qwen2 has q/k/v biases, no o bias
+            return cls(family="llama", **common, intermediate_size=g("intermediate_size"),
+                       num_kv_heads=g("num_key_value_heads") or 0, head_dim=g("head_dim") or 0,
+                       norm="rmsnorm", norm_eps=g("rms_norm_eps", 1e-6), mlp="swiglu", act=g("hidden_act", "silu"),
+                       qkv_bias=bias, o_bias=bias and base != "qwen2", mlp_bias=g("mlp_bias", False),
+                       tie_embeddings=g("tie_word_embeddings", False), rope_theta=theta,
+                       partial_rotary_factor=partial or 1.0, rope_scaling=scaling, sliding_window=window or 0)
+        if base.startswith("stablelm"):
+            return cls(family="stablelm", **common, intermediate_size=g("intermediate_size"),
+                       num_kv_heads=g("num_key_value_heads") or 0, norm="layernorm",
+                       norm_eps=g("layer_norm_eps", g("norm_eps", 1e-5)), mlp="swiglu", act=g("hidden_act", "silu"),
+                       parallel_block=g("use_parallel_residual", False), qkv_bias=g("use_qkv_bias", False),
+                       tie_embeddings=g("tie_word_embeddings", False), rope_theta=theta,
+                       partial_rotary_factor=partial or g("partial_rotary_factor", g("rope_pct", 0.25)),
+                       rope_scaling=scaling)
+        if base.startswith("phi"):
+            # MoE-LLaVA builds Phi's lm_head with bias=False and drops the pretrained bias (reference §1.3).
+            return cls(family="phi", **common, intermediate_size=g("intermediate_size"),
+                       num_kv_heads=g("num_key_value_heads") or 0, norm="layernorm",
+                       norm_eps=g("layer_norm_eps", 1e-5), mlp="gelu", act=g("hidden_act", "gelu_new"),
+                       parallel_block=True, qkv_bias=True, o_bias=True, mlp_bias=True,
+                       lm_head_bias="llava" not in model_type, tie_embeddings=g("tie_word_embeddings", False),
+                       rope_theta=theta, partial_rotary_factor=partial or g("partial_rotary_factor", 0.5),
+                       rope_scaling=scaling)
+        if base == "qwen":
+            # Qwen-1 switches on dynamic NTK and log-n attention only past seq_length; we do not, so
+            # positions beyond seq_length would differ from the original (never reached at 2048 + 576).
+            return cls(family="qwen", **common | dict(max_position_embeddings=g("seq_length", 8192)),
+                       intermediate_size=g("intermediate_size") // 2,   # w1 and w2 are each half of it
+                       head_dim=g("kv_channels") or 0, norm="rmsnorm", norm_eps=g("layer_norm_epsilon", 1e-6),
+                       mlp="swiglu", act="silu", qkv_bias=True, o_bias=not g("no_bias", True),
+                       mlp_bias=not g("no_bias", True), tie_embeddings=g("tie_word_embeddings", False),
+                       rope_theta=g("rotary_emb_base", 10000.0), partial_rotary_factor=g("rotary_pct", 1.0))
+        raise ValueError(f"config.json model_type {model_type!r} is not a supported language model "
+                         "(llama, mistral, qwen2, stablelm, phi, qwen, and their llava_/moe_llava_ variants)")
+
+
+@dataclass
+class LlavaConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    projector: str = "mlp2x_gelu"      # 'mlp2x_gelu' | 'linear'
+
+# -----------------------------------------------------------------------------
+# 2. Vision tower
+
+
+class ViTBlock(nn.Module):
+    """Pre-LN transformer block of CLIP / SigLIP: x + Attn(LN1(x)), then x + MLP(LN2(x))."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        D, self.H = cfg.hidden_size, cfg.num_heads
+        self.attn_norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(D, D) for _ in range(4))
+        self.mlp_norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.fc1, self.fc2 = nn.Linear(D, cfg.intermediate_size), nn.Linear(cfg.intermediate_size, D)
+        self.act = ACTIVATIONS[cfg.act]
+
+    def forward(self, x):
+        B, N, D = x.shape
+        h = self.attn_norm(x)
+        q, k, v = (p(h).view(B, N, self.H, D // self.H).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        a = F.scaled_dot_product_attention(q, k, v)                    # [B, H, N, hd], no mask
+        x = x + self.o_proj(a.transpose(1, 2).reshape(B, N, D))
+        return x + self.fc2(self.act(self.fc1(self.mlp_norm(x))))      # [B, N, C]
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.hidden_size
+        clip = cfg.kind == "clip"
+        self.patch_embed = nn.Conv2d(cfg.num_channels, C, cfg.patch_size, stride=cfg.patch_size, bias=not clip)
+        self.class_embedding = nn.Parameter(torch.zeros(C)) if clip else None
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.num_positions, C))
+        self.pre_norm = nn.LayerNorm(C, eps=cfg.norm_eps) if clip else nn.Identity()   # CLIP's 'pre_layrnorm'
+        self.layers = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.num_layers_run))
+        self.apply(_init_weights)
+        if clip:
+            nn.init.normal_(self.class_embedding, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.02)
+
+    def forward(self, pixel_values):                                   # [B, 3, H, W]
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
+        x = x.flatten(2).transpose(1, 2)                               # [B, P, C]
+        if self.class_embedding is not None:
+            cls = self.class_embedding.expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, x], dim=1)                             # [B, 1+P, C]
+        x = self.pre_norm(x + self.pos_embed)
+        for layer in self.layers:
+            x = layer(x)
+        return x[:, 1:] if self.cfg.select_feature == "patch" else x   # [B, P, C]
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, select_layer=-2, select_feature="patch"):
+        cfg = VisionConfig.from_hf(_read_config(path), select_layer=select_layer, select_feature=select_feature)
+        with torch.device("meta"):
+            model = cls(cfg)
+        sd = convert_state_dict(load_checkpoint(path, dtype), vision_key_map(cfg),
+                                VISION_IGNORED + _skipped_vision_layers(cfg), model.state_dict(), path)
+        model.load_state_dict(sd, strict=True, assign=True)
+        return model.eval()
+
+# -----------------------------------------------------------------------------
+# 3. Projector
+
+
+class Projector(nn.Sequential):
+    """mlp2x_gelu: Linear(C, D), GELU (exact), Linear(D, D) -- LLaVA-1.5 / MoE-LLaVA; or one Linear."""
+
+    def __init__(self, kind: str, in_dim: int, out_dim: int):
+        if kind == "mlp2x_gelu":
+            super().__init__(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+        elif kind == "linear":
+            super().__init__(nn.Linear(in_dim, out_dim))
+        else:
+            raise ValueError(f"unknown projector {kind!r} (mlp2x_gelu | linear)")
+        self.apply(_init_weights)
+
+# -----------------------------------------------------------------------------
+# 4. Decoder language model
+
+
+class RMSNorm(nn.Module):
+    """Normalise in fp32, cast back, then scale: the order HF Llama/Qwen use (matters in bf16)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def make_norm(cfg: LMConfig):
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+
+def rope_inv_freq(cfg: LMConfig, device=None):
+    """Inverse frequencies of the rotated dims [rotary_dim/2], with linear / llama3 scaling."""
+    dim = cfg.rotary_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.int64).float() / dim)
+    s = cfg.rope_scaling
+    if s.get("rope_type") == "linear":
+        inv_freq = inv_freq / s["factor"]
+    elif s.get("rope_type") == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+        factor, lo, hi, old_ctx = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq, position_ids, dtype):
+    freqs = position_ids[..., None].float() * inv_freq                 # [B, T, rot/2]
+    emb = torch.cat([freqs, freqs], dim=-1)                            # [B, T, rot]
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, T, rot]
+
+
+def apply_rope(x, cos, sin):
+    """HF rotate-half RoPE on the first `rot` dims of each head; the rest pass (partial rotary)."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]                         # [B, H, T, rot], [B, H, T, hd-rot]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    x_rot = x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return torch.cat([x_rot, x_pass], dim=-1)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, [L, B, Hkv, S_max, hd]; `length` = filled positions."""
+
+    def __init__(self, cfg: LMConfig, batch_size, max_len, dtype, device):
+        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0                # advanced by LanguageModel after all layers have written
+
+    def update(self, layer, k, v):                                     # k, v: [B, Hkv, T, hd]
+        start, end = self.length, self.length + k.shape[2]
+        assert end <= self.k.shape[3], f"KV cache overflow: {end} > {self.k.shape[3]}"
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]     # [B, Hkv, S, hd]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        D, H, Hkv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.H, self.Hkv, self.hd = H, Hkv, hd
+        self.q_proj = nn.Linear(D, H * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, Hkv * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, Hkv * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * hd, D, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, layer_idx=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.hd).transpose(1, 2)     # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.Hkv, self.hd).transpose(1, 2)   # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.Hkv, self.hd).transpose(1, 2)   # [B, Hkv, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k, v)                        # [B, Hkv, S, hd]
+        # mask None means plain causal over T == S (training, prefill without padding): SDPA's fast path.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.H != self.Hkv)  # [B, H, T, hd]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.hd))
+
+
+class SwiGLU(nn.Module):
+    """down(act(gate(x)) * up(x)). Llama/Mistral/Qwen2/StableLM; Qwen-1's c_proj(w1(x) * silu(w2(x)))
+    is the same with gate = w2, up = w1, down = c_proj (the key map renames them)."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        D, F_, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj, self.up_proj = nn.Linear(D, F_, bias=b), nn.Linear(D, F_, bias=b)
+        self.down_proj = nn.Linear(F_, D, bias=b)
+        self.act = ACTIVATIONS[cfg.act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GeluMLP(nn.Module):
+    """fc2(act(fc1(x))), with biases: Phi-2 (act = gelu_new)."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = ACTIVATIONS[cfg.act]
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.parallel = cfg.parallel_block
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = None if cfg.parallel_block else make_norm(cfg)
+        self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, layer_idx=0):
+        h = self.attn_norm(x)
+        if self.parallel:      # Phi-2 (and StableLM use_parallel_residual): one LN feeds both branches
+            return x + self.attn(h, cos, sin, mask, kv_cache, layer_idx) + self.mlp(h)
+        x = x + self.attn(h, cos, sin, mask, kv_cache, layer_idx)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor = None        # [B, T, V]; None when labels were given (see LanguageModel.forward)
+    loss: torch.Tensor = None          # mean cross-entropy over supervised tokens
+    num_tokens: torch.Tensor = None    # number of supervised tokens behind `loss`
+    aux_loss: torch.Tensor = None      # sum over MoE layers of the load-balancing loss (0 for dense)
+    routing: list = field(default_factory=list)   # one routing record per MoE layer (moe.py)
+
+
+def attention_mask_4d(attention_mask, past_len, T, sliding_window=0):
+    """Boolean [B, 1, T, S] mask, S = past_len + T, True = may attend; or None for plain causal.
+
+    attention_mask [B, S]: 1 for real tokens, 0 for padding (left padding in generation, right in
+    training). Key j is visible to query i (at cache position past_len + i) when it is a real token,
+    j <= past_len + i, and, with a sliding window, past_len + i - j < window (HF Mistral). Each query
+    also sees itself, so a padding query row is never empty (an all-masked row gives NaN in SDPA).
+    """
+    S = past_len + T
+    if attention_mask is None and not sliding_window and (past_len == 0 or T == 1):
+        return None                    # causal (is_causal in SDPA) or one query that sees every key
+    q_pos = torch.arange(past_len, S, device=attention_mask.device if attention_mask is not None else None)
+    k_pos = torch.arange(S, device=q_pos.device)
+    rel = q_pos[:, None] - k_pos[None, :]                              # [T, S]
+    visible = rel >= 0
+    if sliding_window:
+        visible &= rel < sliding_window
+    mask = visible[None, None]                                         # [1, 1, T, S]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :S].bool()         # [B, 1, T, S]
+    return mask | (rel == 0)[None, None]
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.apply(_init_weights)
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def hidden_states(self, input_ids=None, inputs_embeds=None, attention_mask=None, kv_cache=None):
+        """Final-norm hidden states [B, T, D]. attention_mask [B, S] covers cached + new tokens."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds   # [B, T, D]
+        B, T, _ = x.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if attention_mask is not None:
+            # positions count real tokens only, so left-padded rows start at 0 (as HF generate does)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]   # [B, T]
+        else:
+            position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
+        cos, sin = rope_cos_sin(rope_inv_freq(self.cfg, x.device), position_ids, x.dtype)
+        mask = attention_mask_4d(attention_mask, past, T, self.cfg.sliding_window)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.norm(x)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, labels=None, kv_cache=None):
+        """Logits, or with `labels` [B, T] the next-token loss. With labels the full [B, T, V] logits
+        are not materialised: only supervised positions go through lm_head (most VLM positions are
+        image or prompt tokens), and `logits` is None."""
+        h = self.hidden_states(input_ids, inputs_embeds, attention_mask, kv_cache)      # [B, T, D]
+        aux = h.new_zeros(())
+        if labels is None:
+            return ModelOutput(logits=self.lm_head(h), aux_loss=aux)
+        targets = labels[:, 1:]                                        # position t predicts token t+1
+        keep = targets != IGNORE_INDEX                                 # [B, T-1]
+        logits = self.lm_head(h[:, :-1][keep]).float()                 # [n, V]
+        n = keep.sum()
+        loss = F.cross_entropy(logits, targets[keep], reduction="sum") / n.clamp(min=1)
+        return ModelOutput(loss=loss, num_tokens=n, aux_loss=aux)
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, inputs_embeds=None, max_new_tokens=128, eos_token_id=None):
+        """Batched greedy decoding. Give a list of prompts, `input_ids` (1-D id tensors or lists) or
+        `inputs_embeds` ([T_i, D] tensors); they are left-padded here. Returns one list of new token
+        ids per prompt, stopping at (and excluding) the first EOS, or after max_new_tokens."""
+        if inputs_embeds is None:
+            device = self.embed_tokens.weight.device
+            inputs_embeds = [self.embed_tokens(torch.as_tensor(ids, device=device)) for ids in input_ids]
+        embeds, mask = pad_sequences(inputs_embeds, side="left")       # [B, T, D], [B, T]
+        B, T, _ = embeds.shape
+        eos = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                              device=embeds.device)
+        cache = KVCache(self.cfg, B, T + max_new_tokens, embeds.dtype, embeds.device)
+        h = self.hidden_states(inputs_embeds=embeds, attention_mask=mask, kv_cache=cache)
+        next_tok = self.lm_head(h[:, -1]).argmax(-1)                   # [B]
+        new = []
+        done = torch.zeros(B, dtype=torch.bool, device=embeds.device)
+        for step in range(max_new_tokens):
+            done = done | torch.isin(next_tok, eos)
+            new.append(torch.where(done, -1, next_tok))                # -1 marks "finished"
+            if step == max_new_tokens - 1 or bool(done.all()):         # one host sync per token
+                break
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            h = self.hidden_states(input_ids=next_tok[:, None], attention_mask=mask, kv_cache=cache)
+            next_tok = self.lm_head(h[:, -1]).argmax(-1)
+        out = torch.stack(new, dim=1).tolist()                         # [B, n]
+        return [row[:row.index(-1)] if -1 in row else row for row in out]
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32):
+        """An HF LLM dir, or the LLM part of a LLaVA / MoE-LLaVA checkpoint dir."""
+        cfg = LMConfig.from_hf(_read_config(path))
+        with torch.device("meta"):
+            model = cls(cfg)
+        sd = convert_state_dict(load_checkpoint(path, dtype), lm_key_map(cfg),
+                                lm_ignored(cfg) + LLAVA_IGNORED + [r".*mm_projector\..*"], _expected(model), path)
+        model.load_state_dict(_with_tied(model, sd), strict=True, assign=True)
+        model.tie_weights()
+        return model.eval()
+
+
+def pad_sequences(seqs, side, value=0.0):
+    """Stack [T_i, ...] tensors into [B, T_max, ...] padded on `side`; also the [B, T_max] mask."""
+    T = max(s.shape[0] for s in seqs)
+    out = seqs[0].new_full((len(seqs), T, *seqs[0].shape[1:]), value)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long, device=seqs[0].device)
+    for i, s in enumerate(seqs):
+        sl = slice(T - s.shape[0], T) if side == "left" else slice(0, s.shape[0])
+        out[i, sl], mask[i, sl] = s, 1
+    return out, mask
+
+# -----------------------------------------------------------------------------
+# 5. LLaVA: vision tower + projector + language model
+
+
+class LlavaModel(nn.Module):
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = VisionTower(cfg.vision)
+        self.projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.lm.hidden_size)
+        self.lm = LanguageModel(cfg.lm)
+
+    def encode_images(self, images):                                   # [N, 3, H, W]
+        # The tower is frozen in every paper stage; skip its graph unless someone unfroze it (demo).
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())):
+            feats = self.vision_tower(images)                          # [N, P, C]
+        return self.projector(feats.to(self.projector[0].weight.dtype))   # [N, P, D]
+
+    def splice(self, ids_list, image_features, labels_list=None):
+        """Per sample, replace each IMAGE_TOKEN_INDEX by the next image's P feature vectors.
+
+        ids_list: 1-D id tensors without padding; image_features [N, P, D] in placeholder order across
+        the batch. Returns the embeddings [T'_i, D] and labels [T'_i] (IGNORE_INDEX on image positions).
+        """
+        counts = [int((ids == IMAGE_TOKEN_INDEX).sum()) for ids in ids_list]
+        n_images = 0 if image_features is None else image_features.shape[0]
+        if sum(counts) != n_images:
+            raise ValueError(f"the batch has {sum(counts)} <image> placeholders (per sample: {counts}) "
+                             f"but {n_images} images were given; each placeholder needs exactly one image")
+        embeds, labels, next_image = [], [], 0
+        for b, ids in enumerate(ids_list):
+            text = self.lm.embed_tokens(ids.clamp(min=0))              # [T, D]; placeholder rows replaced below
+            lab = labels_list[b] if labels_list is not None else torch.full_like(ids, IGNORE_INDEX)
+            e_parts, l_parts, start = [], [], 0
+            for pos in (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist():
+                feat = image_features[next_image]                      # [P, D]
+                next_image += 1
+                e_parts += [text[start:pos], feat.to(text.dtype)]
+                l_parts += [lab[start:pos], lab.new_full((feat.shape[0],), IGNORE_INDEX)]
+                start = pos + 1
+            embeds.append(torch.cat(e_parts + [text[start:]]))
+            labels.append(torch.cat(l_parts + [lab[start:]]))
+        return embeds, labels
+
+    def forward(self, input_ids, images=None, labels=None, attention_mask=None):
+        """input_ids [B, T] right-padded, with IMAGE_TOKEN_INDEX placeholders; images [N, 3, H, W] in
+        placeholder order; labels [B, T]; attention_mask [B, T] (None: no padding)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        keep = attention_mask.bool()
+        ids_list = [input_ids[b][keep[b]] for b in range(input_ids.shape[0])]
+        labels_list = None if labels is None else [labels[b][keep[b]] for b in range(labels.shape[0])]
+        feats = self.encode_images(images) if images is not None and len(images) else None
+        embeds, labs = self.splice(ids_list, feats, labels_list)
+        # Re-pad on the right; positions restart at 0 per sample (MoE-LLaVA llava_arch.py, reference §1.10).
+        embeds, mask = pad_sequences(embeds, side="right")             # [B, T', D], [B, T']
+        labs, _ = pad_sequences(labs, side="right", value=IGNORE_INDEX)
+        return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labs if labels is not None else None)
+
+    @torch.no_grad()
+    def generate(self, input_ids, images=None, max_new_tokens=128, eos_token_id=None):
+        """input_ids: a list of 1-D prompts (ids or tensors, unpadded, with placeholders); images
+        [N, 3, H, W] in placeholder order. Returns one list of new token ids per prompt."""
+        device = self.lm.embed_tokens.weight.device
+        ids_list = [torch.as_tensor(ids, device=device) for ids in input_ids]
+        feats = self.encode_images(images.to(device)) if images is not None and len(images) else None
+        embeds, _ = self.splice(ids_list, feats)
+        return self.lm.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+
+    @classmethod
+    def from_pretrained(cls, path, vision_tower=None, dtype=torch.float32):
+        """A LLaVA / MoE-LLaVA checkpoint dir (LLM + mm_projector keys) and the vision tower's own HF dir.
+        The checkpoint's config names the tower by hub id (mm_image_tower / mm_vision_tower); nothing is
+        downloaded here, so pass the local dir of that tower."""
+        hf = _read_config(path)
+        tower_id = hf.get("mm_image_tower") or hf.get("mm_vision_tower")
+        vision_tower = vision_tower or (tower_id if tower_id and os.path.isdir(tower_id) else None)
+        if vision_tower is None:
+            raise ValueError(f"{path}: its vision tower is {tower_id!r}; download it and pass vision_tower=LOCAL_DIR")
+        vcfg = VisionConfig.from_hf(_read_config(vision_tower), select_layer=hf.get("mm_vision_select_layer", -2),
+                                    select_feature=hf.get("mm_vision_select_feature", "patch"))
+        projector = hf.get("image_projector_type") or hf.get("mm_projector_type") or "linear"
+        cfg = LlavaConfig(vision=vcfg, lm=LMConfig.from_hf(hf), projector=projector)
+        if (hf.get("moe") or {}).get("moe_enable"):
+            raise NotImplementedError(f"{path} is a MoE-LLaVA MoE checkpoint; MoE layers arrive with moe.py (Step 2)")
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = _expected(model)
+        prefix = lambda v: tuple("lm." + x for x in v) if isinstance(v, tuple) else "lm." + v
+        key_map = {k: prefix(v) for k, v in lm_key_map(cfg.lm).items()} | projector_key_map(cfg.lm)
+        sd = convert_state_dict(load_checkpoint(path, dtype), key_map, lm_ignored(cfg.lm) + LLAVA_IGNORED,
+                                {k: v for k, v in expected.items() if not k.startswith("vision_tower.")}, path)
+        sd |= {"vision_tower." + k: v for k, v in convert_state_dict(
+            load_checkpoint(vision_tower, dtype), vision_key_map(vcfg), VISION_IGNORED + _skipped_vision_layers(vcfg),
+            {k[len("vision_tower."):]: v for k, v in expected.items() if k.startswith("vision_tower.")},
+            vision_tower).items()}
+        model.load_state_dict(_with_tied(model, sd), strict=True, assign=True)
+        model.lm.tie_weights()
+        return model.eval()
+
+# -----------------------------------------------------------------------------
+# 6. Initialisation (models trained from scratch, e.g. the demo; loading overwrites all of it)
+
+
+def _init_weights(module):
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+
+# -----------------------------------------------------------------------------
+# 7. Checkpoint loading: one strict key map per family, '{}' = layer index.
+# HF name -> our name; a tuple of our names means "split the HF tensor into equal chunks along dim 0".
+
+def lm_key_map(cfg: LMConfig) -> dict:
+    if cfg.family == "qwen":   # Qwen-1: everything under transformer., fused c_attn, MLP c_proj(w1(x) * silu(w2(x)))
+        return {
+            "transformer.wte.weight": "embed_tokens.weight",
+            "transformer.h.{}.ln_1.weight": "layers.{}.attn_norm.weight",
+            "transformer.h.{}.attn.c_attn.weight": ("layers.{}.attn.q_proj.weight", "layers.{}.attn.k_proj.weight", "layers.{}.attn.v_proj.weight"),
+            "transformer.h.{}.attn.c_attn.bias": ("layers.{}.attn.q_proj.bias", "layers.{}.attn.k_proj.bias", "layers.{}.attn.v_proj.bias"),
+            "transformer.h.{}.attn.c_proj.weight": "layers.{}.attn.o_proj.weight",
+            "transformer.h.{}.ln_2.weight": "layers.{}.mlp_norm.weight",
+            "transformer.h.{}.mlp.w1.weight": "layers.{}.mlp.up_proj.weight",
+            "transformer.h.{}.mlp.w2.weight": "layers.{}.mlp.gate_proj.weight",
+            "transformer.h.{}.mlp.c_proj.weight": "layers.{}.mlp.down_proj.weight",
+            "transformer.ln_f.weight": "norm.weight",
+            "lm_head.weight": "lm_head.weight",
+        }
+    # Llama / Mistral / Qwen2 / StableLM share HF names; Phi-2 renames o_proj, the MLP and the final norm.
+    o_proj, final_norm = ("dense", "final_layernorm") if cfg.family == "phi" else ("o_proj", "norm")
+    mlp = ("fc1", "fc2") if cfg.mlp == "gelu" else ("gate_proj", "up_proj", "down_proj")
+    m = {"model.embed_tokens.weight": "embed_tokens.weight", "lm_head.weight": "lm_head.weight",
+         "lm_head.bias": "lm_head.bias"}
+    for wb in ("weight", "bias"):
+        m |= {f"model.layers.{{}}.input_layernorm.{wb}": f"layers.{{}}.attn_norm.{wb}",
+              f"model.layers.{{}}.post_attention_layernorm.{wb}": f"layers.{{}}.mlp_norm.{wb}",
+              f"model.layers.{{}}.self_attn.{o_proj}.{wb}": f"layers.{{}}.attn.o_proj.{wb}",
+              f"model.{final_norm}.{wb}": f"norm.{wb}"}
+        m |= {f"model.layers.{{}}.self_attn.{p}.{wb}": f"layers.{{}}.attn.{p}.{wb}" for p in ("q_proj", "k_proj", "v_proj")}
+        m |= {f"model.layers.{{}}.mlp.{p}.{wb}": f"layers.{{}}.mlp.{p}.{wb}" for p in mlp}
+    return m
+
+
+def projector_key_map(cfg: LMConfig) -> dict:
+    """MoE-LLaVA: {model|transformer}.mm_projector.image_spatial_proj.{0,2}; LLaVA-1.5: model.mm_projector.{0,2}
+    (a linear projector is saved without the index)."""
+    root = "transformer" if cfg.family == "qwen" else "model"
+    m = {}
+    for wb in ("weight", "bias"):
+        m |= {f"{root}.mm_projector.image_spatial_proj.{{}}.{wb}": f"projector.{{}}.{wb}",
+              f"{root}.mm_projector.{{}}.{wb}": f"projector.{{}}.{wb}",
+              f"{root}.mm_projector.image_spatial_proj.{wb}": f"projector.0.{wb}",
+              f"{root}.mm_projector.{wb}": f"projector.0.{wb}"}
+    return m
+
+
+def vision_key_map(cfg: VisionConfig) -> dict:
+    """CLIP/SigLIP vision names; a leading 'vision_model.' (full CLIPModel / older saves) is stripped first."""
+    m = {"embeddings.class_embedding": "class_embedding",
+         "embeddings.position_embedding.weight": "pos_embed",
+         "embeddings.patch_embedding.weight": "patch_embed.weight",
+         "embeddings.patch_embedding.bias": "patch_embed.bias",
+         "pre_layrnorm.weight": "pre_norm.weight", "pre_layrnorm.bias": "pre_norm.bias"}
+    for wb in ("weight", "bias"):
+        m |= {f"encoder.layers.{{}}.layer_norm1.{wb}": f"layers.{{}}.attn_norm.{wb}",
+              f"encoder.layers.{{}}.layer_norm2.{wb}": f"layers.{{}}.mlp_norm.{wb}",
+              f"encoder.layers.{{}}.self_attn.out_proj.{wb}": f"layers.{{}}.o_proj.{wb}",
+              f"encoder.layers.{{}}.mlp.fc1.{wb}": f"layers.{{}}.fc1.{wb}",
+              f"encoder.layers.{{}}.mlp.fc2.{wb}": f"layers.{{}}.fc2.{wb}"}
+        m |= {f"encoder.layers.{{}}.self_attn.{p}.{wb}": f"layers.{{}}.{p}.{wb}" for p in ("q_proj", "k_proj", "v_proj")}
+    return m
+
+
+# Checkpoint keys that are known and deliberately not loaded (regexes over the HF name).
+def lm_ignored(cfg: LMConfig):
+    rope = [r".*rotary_emb\.inv_freq"]                                  # a buffer; recomputed
+    return rope + ([r"lm_head\.weight"] if cfg.tie_embeddings else [])  # tied: the embedding is the head
+
+
+LLAVA_IGNORED = [r".*\.(image|vision)_tower\.(image|vision)_tower\..*"]   # MoE-LLaVA / LLaVA save the tower; it
+                                                                          # loads from its own dir (reference §2.1)
+VISION_IGNORED = [r"text_model\..*", r"(text|visual)_projection\..*", r"logit_(scale|bias)",  # full CLIP/SigLIP
+                  r"embeddings\.position_ids", r"post_layernorm\..*",  # features come before post-LN
+                  r"head\..*"]                                         # SigLIP pooling head: unused
+
+
+def _skipped_vision_layers(cfg: VisionConfig):
+    """Blocks after select_layer are never run, so they are not built and their keys are skipped."""
+    return [rf"encoder\.layers\.{i}\..*" for i in range(cfg.num_layers_run, cfg.num_layers)]
+
+
+def _read_config(path):
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file} not found: point at a local HF checkpoint dir (nothing is downloaded)")
+    with open(file) as f:
+        return json.load(f)
+
+
+def load_checkpoint(path, dtype=torch.float32) -> dict:
+    """All tensors of an HF checkpoint dir, floating ones cast to dtype. Reads model.safetensors,
+    sharded safetensors (model.safetensors.index.json), or pytorch_model.bin (sharded too) with
+    torch.load(weights_only=True): a pickle that holds code is refused, never run."""
+    from safetensors import safe_open
+    files = None
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if os.path.isfile(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            break
+        if os.path.isfile(os.path.join(path, single)):
+            files = [single]
+            break
+    if files is None:
+        raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin or their .index.json")
+    cast = lambda t: t.to(dtype) if t.is_floating_point() else t
+    tensors = {}
+    for name in files:
+        file = os.path.join(path, name)
+        if name.endswith(".safetensors"):
+            with safe_open(file, framework="pt") as f:
+                tensors |= {k: cast(f.get_tensor(k)) for k in f.keys()}
+        else:
+            try:
+                sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise ValueError(f"{file}: refused to load (weights_only=True): {str(e).splitlines()[0]}") from None
+            tensors |= {k: cast(v) for k, v in sd.items()}
+    return tensors
+
+
+def convert_state_dict(hf_sd: dict, key_map: dict, ignored: list, expected: dict, where) -> dict:
+    """Rename HF tensors to ours through key_map, strictly: every HF key is mapped or matches an
+    `ignored` regex, every expected key is produced, and every shape agrees; else an error naming the key."""
+    out = {}
+    ignored_re = re.compile("|".join(f"(?:{p})" for p in ignored) or "(?!)")
+    for hf_key, t in hf_sd.items():
+        if hf_key.startswith("vision_model."):                           # full CLIPModel / pre-v5 saves
+            hf_key = hf_key[len("vision_model."):]
+        if ignored_re.fullmatch(hf_key):
+            continue
+        indices = re.findall(r"\.(\d+)(?=\.|$)", hf_key)                  # layer (and expert) indices
+        target = key_map.get(re.sub(r"\.(\d+)(?=\.|$)", ".{}", hf_key))
+        if target is None:
+            raise KeyError(f"{where}: unexpected checkpoint key {hf_key!r} (not in the key map of this architecture)")
+        names = [k.format(*indices) for k in (target if isinstance(target, tuple) else (target,))]
+        parts = t.chunk(len(names), dim=0) if len(names) > 1 else (t,)
+        for name, part in zip(names, parts):
+            if name not in expected:
+                raise KeyError(f"{where}: checkpoint key {hf_key!r} -> {name!r}, which this config does not have "
+                               "(e.g. a bias the config says is absent)")
+            if tuple(part.shape) != tuple(expected[name].shape):
+                raise ValueError(f"{where}: shape mismatch for {hf_key!r}: checkpoint {tuple(part.shape)}, "
+                                 f"model {name!r} {tuple(expected[name].shape)}")
+            out[name] = part.contiguous()
+    missing = [k for k in expected if k not in out]
+    if missing:
+        raise KeyError(f"{where}: missing checkpoint keys for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return out
+
+
+def _expected(model):
+    """Parameters/buffers a checkpoint must provide; a tied lm_head comes from the embedding."""
+    sd = model.state_dict()
+    for prefix, lm in (("", model), ("lm.", getattr(model, "lm", None))):
+        if isinstance(lm, LanguageModel) and lm.cfg.tie_embeddings:
+            sd.pop(prefix + "lm_head.weight", None)
+    return sd
+
+
+def _with_tied(model, sd):
+    lm, prefix = (model, "") if isinstance(model, LanguageModel) else (model.lm, "lm.")
+    if lm.cfg.tie_embeddings:
+        sd[prefix + "lm_head.weight"] = sd[prefix + "embed_tokens.weight"]
+    return sd
