@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe import MoEConfig, apply_attention_lora, make_moe_mlp, routers_to_fp32
+
 IGNORE_INDEX = -100        # label value the loss ignores (MoE-LLaVA constants.py)
 IMAGE_TOKEN_INDEX = -200   # input id standing for one image's features (MoE-LLaVA constants.py)
 
@@ -122,8 +124,11 @@ class LMConfig:
     rope_scaling: dict = field(default_factory=dict)   # {} | {'rope_type': 'linear'|'llama3', ...}
     sliding_window: int = 0            # 0 = none; Mistral-style window over cache positions
     max_position_embeddings: int = 4096
+    moe: MoEConfig = None              # None: dense; else which MLPs become MoE / MoLE layers (moe.py)
 
     def __post_init__(self):
+        if isinstance(self.moe, dict):                                 # from a saved config JSON
+            self.moe = MoEConfig(**self.moe)
         assert self.family in ("llama", "stablelm", "phi", "qwen"), f"unknown LM family {self.family!r}"
         assert self.norm in ("rmsnorm", "layernorm") and self.mlp in ("swiglu", "gelu")
         assert self.act in ACTIVATIONS, f"unknown activation {self.act!r}"
@@ -140,6 +145,13 @@ class LMConfig:
         names) / phi / qwen (Qwen-1) and the llava_* / moe_llava_* configs built on them.
         Absent fields take the HF class defaults of that family."""
         model_type = cfg.get("model_type", "")
+        lm = cls._from_hf_dense(cfg, model_type)
+        if (cfg.get("moe") or {}).get("moe_enable"):                   # MoE-LLaVA stage-III checkpoint
+            lm.moe = MoEConfig.from_moe_llava(cfg["moe"], lm.num_layers)
+        return lm
+
+    @classmethod
+    def _from_hf_dense(cls, cfg, model_type):
         base = re.sub(r"^(moe_)?llava_?", "", model_type) or "llama"   # 'llava' alone is LLaVA-1.5 on Llama
         g = cfg.get
         if base.startswith("qwen1_5") or base.startswith("qwen2"):
@@ -417,11 +429,16 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
 
     def forward(self, x, cos, sin, mask, kv_cache=None, layer_idx=0):
+        """Returns the new residual stream and the MoE routing record (None for a dense MLP)."""
         h = self.attn_norm(x)
         if self.parallel:      # Phi-2 (and StableLM use_parallel_residual): one LN feeds both branches
-            return x + self.attn(h, cos, sin, mask, kv_cache, layer_idx) + self.mlp(h)
-        x = x + self.attn(h, cos, sin, mask, kv_cache, layer_idx)
-        return x + self.mlp(self.mlp_norm(x))
+            a = self.attn(h, cos, sin, mask, kv_cache, layer_idx)
+        else:
+            x = x + self.attn(h, cos, sin, mask, kv_cache, layer_idx)
+            h = self.mlp_norm(x)
+        y = self.mlp(h)
+        y, record = y if isinstance(y, tuple) else (y, None)          # MoE layers also return their routing
+        return (x + a + y if self.parallel else x + y), record
 
 
 @dataclass
@@ -466,13 +483,26 @@ class LanguageModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.apply(_init_weights)
         self.tie_weights()
+        if cfg.moe is not None:
+            self.install_moe(cfg.moe)
+
+    def install_moe(self, moe_cfg: MoEConfig):
+        """Turn the dense MLPs of the chosen layers into MoE (experts = exact copies of the dense FFN:
+        MoE-LLaVA's upcycling, reference §1.8) or MoLE layers; stage III calls this on a dense model."""
+        self.cfg.moe = moe_cfg
+        for i in moe_cfg.layer_indices(len(self.layers)):
+            self.layers[i].mlp = make_moe_mlp(moe_cfg, self.layers[i].mlp)
+        if moe_cfg.kind == "lora" and moe_cfg.attn_lora_rank:
+            apply_attention_lora(self.layers, moe_cfg)
+        return self
 
     def tie_weights(self):
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     def hidden_states(self, input_ids=None, inputs_embeds=None, attention_mask=None, kv_cache=None):
-        """Final-norm hidden states [B, T, D]. attention_mask [B, S] covers cached + new tokens."""
+        """Final-norm hidden states [B, T, D] and the MoE routing records.
+        attention_mask [B, S] covers cached + new tokens."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds   # [B, T, D]
         B, T, _ = x.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -483,26 +513,31 @@ class LanguageModel(nn.Module):
             position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(rope_inv_freq(self.cfg, x.device), position_ids, x.dtype)
         mask = attention_mask_4d(attention_mask, past, T, self.cfg.sliding_window)
+        valid = attention_mask[:, past:past + T].bool().reshape(-1) if attention_mask is not None else None
+        routing = []
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, kv_cache, i)
+            x, record = layer(x, cos, sin, mask, kv_cache, i)
+            if record is not None:
+                record.layer, record.valid = i, valid
+                routing.append(record)
         if kv_cache is not None:
             kv_cache.length += T
-        return self.norm(x)
+        return self.norm(x), routing
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, labels=None, kv_cache=None):
         """Logits, or with `labels` [B, T] the next-token loss. With labels the full [B, T, V] logits
         are not materialised: only supervised positions go through lm_head (most VLM positions are
         image or prompt tokens), and `logits` is None."""
-        h = self.hidden_states(input_ids, inputs_embeds, attention_mask, kv_cache)      # [B, T, D]
-        aux = h.new_zeros(())
+        h, routing = self.hidden_states(input_ids, inputs_embeds, attention_mask, kv_cache)   # [B, T, D]
+        aux = sum((r.aux_loss for r in routing), h.new_zeros((), dtype=torch.float32))   # unweighted; alpha in train.py
         if labels is None:
-            return ModelOutput(logits=self.lm_head(h), aux_loss=aux)
+            return ModelOutput(logits=self.lm_head(h), aux_loss=aux, routing=routing)
         targets = labels[:, 1:]                                        # position t predicts token t+1
         keep = targets != IGNORE_INDEX                                 # [B, T-1]
         logits = self.lm_head(h[:, :-1][keep]).float()                 # [n, V]
         n = keep.sum()
         loss = F.cross_entropy(logits, targets[keep], reduction="sum") / n.clamp(min=1)
-        return ModelOutput(loss=loss, num_tokens=n, aux_loss=aux)
+        return ModelOutput(loss=loss, num_tokens=n, aux_loss=aux, routing=routing)
 
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, max_new_tokens=128, eos_token_id=None):
@@ -517,7 +552,7 @@ class LanguageModel(nn.Module):
         eos = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                               device=embeds.device)
         cache = KVCache(self.cfg, B, T + max_new_tokens, embeds.dtype, embeds.device)
-        h = self.hidden_states(inputs_embeds=embeds, attention_mask=mask, kv_cache=cache)
+        h, _ = self.hidden_states(inputs_embeds=embeds, attention_mask=mask, kv_cache=cache)
         next_tok = self.lm_head(h[:, -1]).argmax(-1)                   # [B]
         new = []
         done = torch.zeros(B, dtype=torch.bool, device=embeds.device)
@@ -527,7 +562,7 @@ class LanguageModel(nn.Module):
             if step == max_new_tokens - 1 or bool(done.all()):         # one host sync per token
                 break
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            h = self.hidden_states(input_ids=next_tok[:, None], attention_mask=mask, kv_cache=cache)
+            h, _ = self.hidden_states(input_ids=next_tok[:, None], attention_mask=mask, kv_cache=cache)
             next_tok = self.lm_head(h[:, -1]).argmax(-1)
         out = torch.stack(new, dim=1).tolist()                         # [B, n]
         return [row[:row.index(-1)] if -1 in row else row for row in out]
@@ -542,7 +577,7 @@ class LanguageModel(nn.Module):
                                 lm_ignored(cfg) + LLAVA_IGNORED + [r".*mm_projector\..*"], _expected(model), path)
         model.load_state_dict(_with_tied(model, sd), strict=True, assign=True)
         model.tie_weights()
-        return model.eval()
+        return routers_to_fp32(model).eval()
 
 
 def pad_sequences(seqs, side, value=0.0):
@@ -638,8 +673,6 @@ class LlavaModel(nn.Module):
                                     select_feature=hf.get("mm_vision_select_feature", "patch"))
         projector = hf.get("image_projector_type") or hf.get("mm_projector_type") or "linear"
         cfg = LlavaConfig(vision=vcfg, lm=LMConfig.from_hf(hf), projector=projector)
-        if (hf.get("moe") or {}).get("moe_enable"):
-            raise NotImplementedError(f"{path} is a MoE-LLaVA MoE checkpoint; MoE layers arrive with moe.py (Step 2)")
         with torch.device("meta"):
             model = cls(cfg)
         expected = _expected(model)
@@ -653,7 +686,7 @@ class LlavaModel(nn.Module):
             vision_tower).items()}
         model.load_state_dict(_with_tied(model, sd), strict=True, assign=True)
         model.lm.tie_weights()
-        return model.eval()
+        return routers_to_fp32(model).eval()
 
 # -----------------------------------------------------------------------------
 # 6. Initialisation (models trained from scratch, e.g. the demo; loading overwrites all of it)
@@ -673,7 +706,7 @@ def _init_weights(module):
 
 def lm_key_map(cfg: LMConfig) -> dict:
     if cfg.family == "qwen":   # Qwen-1: everything under transformer., fused c_attn, MLP c_proj(w1(x) * silu(w2(x)))
-        return {
+        return with_moe_keys({
             "transformer.wte.weight": "embed_tokens.weight",
             "transformer.h.{}.ln_1.weight": "layers.{}.attn_norm.weight",
             "transformer.h.{}.attn.c_attn.weight": ("layers.{}.attn.q_proj.weight", "layers.{}.attn.k_proj.weight", "layers.{}.attn.v_proj.weight"),
@@ -685,7 +718,7 @@ def lm_key_map(cfg: LMConfig) -> dict:
             "transformer.h.{}.mlp.c_proj.weight": "layers.{}.mlp.down_proj.weight",
             "transformer.ln_f.weight": "norm.weight",
             "lm_head.weight": "lm_head.weight",
-        }
+        })
     # Llama / Mistral / Qwen2 / StableLM share HF names; Phi-2 renames o_proj, the MLP and the final norm.
     o_proj, final_norm = ("dense", "final_layernorm") if cfg.family == "phi" else ("o_proj", "norm")
     mlp = ("fc1", "fc2") if cfg.mlp == "gelu" else ("gate_proj", "up_proj", "down_proj")
@@ -698,7 +731,21 @@ def lm_key_map(cfg: LMConfig) -> dict:
               f"model.{final_norm}.{wb}": f"norm.{wb}"}
         m |= {f"model.layers.{{}}.self_attn.{p}.{wb}": f"layers.{{}}.attn.{p}.{wb}" for p in ("q_proj", "k_proj", "v_proj")}
         m |= {f"model.layers.{{}}.mlp.{p}.{wb}": f"layers.{{}}.mlp.{p}.{wb}" for p in mlp}
-    return m
+    return with_moe_keys(m)
+
+
+def with_moe_keys(m: dict) -> dict:
+    """Add MoE-LLaVA's DeepSpeed MoE names (reference §2.2) for every dense MLP entry:
+    '...mlp.deepspeed_moe.gate.wg.weight' is the router, '...mlp.deepspeed_moe.experts.deepspeed_experts.{k}.P'
+    is slot k of our stacked expert tensor '...mlp.experts.P' (written 'name[{}]')."""
+    out = dict(m)
+    for hf, ours in m.items():
+        if ".mlp." in hf and isinstance(ours, str):
+            out[hf.replace(".mlp.", ".mlp.deepspeed_moe.experts.deepspeed_experts.{}.")] = \
+                ours.replace(".mlp.", ".mlp.experts.") + "[{}]"
+            root = hf.split(".mlp.")[0]
+            out[root + ".mlp.deepspeed_moe.gate.wg.weight"] = ours.split(".mlp.")[0] + ".mlp.router.weight"
+    return out
 
 
 def projector_key_map(cfg: LMConfig) -> dict:
@@ -793,7 +840,7 @@ def load_checkpoint(path, dtype=torch.float32) -> dict:
 def convert_state_dict(hf_sd: dict, key_map: dict, ignored: list, expected: dict, where) -> dict:
     """Rename HF tensors to ours through key_map, strictly: every HF key is mapped or matches an
     `ignored` regex, every expected key is produced, and every shape agrees; else an error naming the key."""
-    out = {}
+    out, slots = {}, {}
     ignored_re = re.compile("|".join(f"(?:{p})" for p in ignored) or "(?!)")
     for hf_key, t in hf_sd.items():
         if hf_key.startswith("vision_model."):                           # full CLIPModel / pre-v5 saves
@@ -807,16 +854,64 @@ def convert_state_dict(hf_sd: dict, key_map: dict, ignored: list, expected: dict
         names = [k.format(*indices) for k in (target if isinstance(target, tuple) else (target,))]
         parts = t.chunk(len(names), dim=0) if len(names) > 1 else (t,)
         for name, part in zip(names, parts):
+            slot = None
+            if name.endswith("]"):                                       # 'x.weight[2]': slot 2 of stacked 'x.weight'
+                name, slot = name[:-1].split("[")
             if name not in expected:
                 raise KeyError(f"{where}: checkpoint key {hf_key!r} -> {name!r}, which this config does not have "
-                               "(e.g. a bias the config says is absent)")
+                               "(a bias the config says is absent, or an MoE layer it does not place here)")
+            if slot is not None:
+                slots.setdefault(name, {})[int(slot)] = part
+                continue
             if tuple(part.shape) != tuple(expected[name].shape):
                 raise ValueError(f"{where}: shape mismatch for {hf_key!r}: checkpoint {tuple(part.shape)}, "
                                  f"model {name!r} {tuple(expected[name].shape)}")
             out[name] = part.contiguous()
+    for name, parts in slots.items():                                    # stack the experts
+        n = expected[name].shape[0]
+        if sorted(parts) != list(range(n)):
+            raise KeyError(f"{where}: {name!r} needs experts 0..{n - 1}, checkpoint has {sorted(parts)}")
+        out[name] = torch.stack([parts[e] for e in range(n)])
+        if out[name].shape != expected[name].shape:
+            raise ValueError(f"{where}: shape mismatch for experts of {name!r}: checkpoint "
+                             f"{tuple(out[name].shape)}, model {tuple(expected[name].shape)}")
     missing = [k for k in expected if k not in out]
     if missing:
         raise KeyError(f"{where}: missing checkpoint keys for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return out
+
+
+def to_hf_state_dict(model) -> dict:
+    """Our LanguageModel / LlavaModel weights under HF / MoE-LLaVA names: the key maps inverted, experts
+    unstacked into deepspeed_experts.{k}, Qwen-1's q/k/v fused back into c_attn. The vision tower is left
+    out: MoE-LLaVA loads it from its own dir (reference §2.1). MoLE / LoRA weights have no HF layout."""
+    lm = model if isinstance(model, LanguageModel) else model.lm
+    if isinstance(model, LanguageModel):
+        key_map = lm_key_map(lm.cfg)
+    else:
+        prefix = lambda v: tuple("lm." + x for x in v) if isinstance(v, tuple) else "lm." + v
+        key_map = {k: prefix(v) for k, v in lm_key_map(lm.cfg).items()} | projector_key_map(lm.cfg)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("vision_tower.")}
+    if lm.cfg.tie_embeddings:
+        sd.pop("lm.lm_head.weight" if model is not lm else "lm_head.weight")
+    reverse = {}                      # our template -> (HF template, our target); first entry wins
+    for hf, ours in key_map.items():
+        for i, o in enumerate(ours if isinstance(ours, tuple) else (ours,)):
+            reverse.setdefault(o.removesuffix("[{}]"), (hf, ours) if i == 0 else (None, None))
+    out = {}
+    for name, t in sd.items():
+        indices = re.findall(r"\.(\d+)(?=\.|$)", name)
+        hf, ours = reverse.get(re.sub(r"\.(\d+)(?=\.|$)", ".{}", name), ("?", None))
+        if hf == "?":
+            raise KeyError(f"{name!r} has no HF / MoE-LLaVA name (MoLE and LoRA weights exist only in our format)")
+        if hf is None:                                                   # fused into the first part's key
+            continue
+        if isinstance(ours, tuple):
+            out[hf.format(*indices)] = torch.cat([sd[o.format(*indices)] for o in ours])
+        elif ours.endswith("[{}]"):
+            out |= {hf.format(*indices, e): t[e] for e in range(t.shape[0])}
+        else:
+            out[hf.format(*indices)] = t
     return out
 
 

@@ -1,0 +1,340 @@
+"""
+moe.py: the Mixture-of-Experts layers of MoE-LLaVA and LLaVA-MoLE, and what they record for STGC.
+
+  MoELayer      MoE-LLaVA's sparse FFN experts (DeepSpeed v0.9.5 TopKGate semantics, reference/moe_llava.md
+                §1.6): fp32 bias-free router, softmax, top-k, capacity C = ceil(S/E * cf * k) over all S tokens,
+                first choices queued before second choices, positional dropping, renormalised top-2 weights,
+                aux loss E * sum_e mean_prob_e * frac_top1_e. Experts are upcycled: exact copies of the
+                dense FFN (§1.8). Two dispatch paths that must agree: a per-expert loop (the reference)
+                and a grouped matmul over tokens sorted by expert (the fast path).
+  LoRAExperts   LLaVA-MoLE: the dense MLP frozen, E LoRA experts on its projections, one top-1 router per
+                layer shared by the projections. num_experts=1 is the plain-LoRA baseline (no router).
+  LoRALinear    plain LoRA on a frozen Linear (optional attention LoRA for MoLE).
+  RoutingRecord what one MoE layer decided for one forward pass; read by stgc.py, eval.py and train.py.
+
+Only the dense FFN's wiring is needed from model.py: `ffn_forward` rebuilds it from named projections,
+so one function serves the expert loop, the grouped path and the LoRA experts.
+
+Shape suffixes: S tokens of the micro-batch (B*T, padding included, as DeepSpeed does), E experts,
+K = top_k, D model width, F FFN width, r LoRA rank, M = S*K token-expert assignments.
+"""
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FFN_PROJECTIONS = {"swiglu": ("gate_proj", "up_proj", "down_proj"), "gelu": ("fc1", "fc2")}
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 4
+    top_k: int = 2
+    capacity_factor: float = 1.5       # training; MoE-LLaVA scripts pass 1.5 (ModelArguments default 1.0)
+    eval_capacity_factor: float = 2.0  # with E=4, k=2 this is C = S: nothing is dropped at evaluation
+    min_capacity: int = 0              # MoE-LLaVA passes 0 (DeepSpeed's own default is 4)
+    dropless: bool = False             # True: no capacity limit at all (C = S)
+    aux_loss_coef: float = 0.01        # alpha; train.py applies it to the sum over layers (reference §1.7)
+    layers: object = "sparse"          # 'sparse' (0, 2, 4, ...) | 'first_half' | 'second_half' | 'dense' | [i, ...]
+    kind: str = "ffn"                  # 'ffn' (MoE-LLaVA experts) | 'lora' (LLaVA-MoLE LoRA experts)
+    # DeepSpeed v0.9.5 samples the second expert with Gumbel noise, in eval too (MoE-LLaVA issue #60). We take
+    # the deterministic second-highest; 'gumbel' reproduces the original in training, and at evaluation
+    # only if gumbel_at_eval is also set.
+    second_expert: str = "top2"        # 'top2' | 'gumbel'
+    gumbel_at_eval: bool = False
+    impl: str = "fast"                 # 'fast' (grouped matmul) | 'loop' (per-expert reference)
+    # LLaVA-MoLE: UNVERIFIED defaults (reference §7.2: no official code; third-party versions disagree).
+    lora_rank: int = 32                # UNVERIFIED
+    lora_alpha: float = 16.0           # UNVERIFIED
+    lora_dropout: float = 0.05         # UNVERIFIED
+    attn_lora_rank: int = 0            # >0: plain LoRA on q/k/v/o (UNVERIFIED which projections the paper uses)
+
+    def __post_init__(self):
+        assert self.kind in ("ffn", "lora"), f"unknown MoE kind {self.kind!r}"
+        assert self.second_expert in ("top2", "gumbel") and self.impl in ("fast", "loop")
+        assert 1 <= self.top_k <= self.num_experts, f"top_k {self.top_k} vs {self.num_experts} experts"
+        assert self.kind == "lora" or self.num_experts > 1, "an 'ffn' MoE needs at least 2 experts"
+        assert self.kind == "ffn" or self.top_k == 1, "LLaVA-MoLE routes each token to one LoRA expert: set top_k=1"
+
+    def layer_indices(self, num_layers: int) -> list:
+        """Which decoder layers get an MoE (reference §1.4; MoE-LLaVA's moe_mode)."""
+        if isinstance(self.layers, (list, tuple)):
+            assert all(0 <= i < num_layers for i in self.layers), f"MoE layers {self.layers} out of range"
+            return sorted(self.layers)
+        modes = {"sparse": range(0, num_layers, 2), "first_half": range(num_layers // 2),
+                 "second_half": range(num_layers // 2, num_layers), "dense": range(num_layers)}
+        assert self.layers in modes, f"unknown MoE layer placement {self.layers!r}"
+        return list(modes[self.layers])
+
+    @classmethod
+    def from_moe_llava(cls, moe: dict, num_layers: int):
+        """The `moe` dict of a MoE-LLaVA config.json (reference §1.5, §2.3)."""
+        if moe.get("use_residual"):
+            raise ValueError("MoE-LLaVA use_residual=True (residual MoE) is not supported")
+        n = moe["num_experts"]
+        n = n if isinstance(n, int) else n[0] if len(set(n)) == 1 else None
+        if n is None:
+            raise ValueError(f"per-layer expert counts {moe['num_experts']} differ; only a uniform count is supported")
+        return cls(num_experts=n, top_k=moe.get("top_k_experts", 2), capacity_factor=moe.get("capacity_factor", 1.0),
+                   eval_capacity_factor=moe.get("eval_capacity_factor", 1.0), min_capacity=moe.get("min_capacity", 0),
+                   aux_loss_coef=moe.get("router_aux_loss_coef", 0.01),
+                   layers=list(moe.get("moe_layers_idx") or range(0, num_layers, 2)))
+
+
+@dataclass
+class RoutingRecord:
+    """One MoE layer's decisions for one forward pass. Flattened token s = b * T + t."""
+    router_logits: torch.Tensor        # [S, E] fp32, with grad (the Conflict Elimination Loss uses it)
+    experts: torch.Tensor              # [S, K] chosen experts, first choice first
+    weights: torch.Tensor              # [S, K] combine weights (renormalised for k>=2; 0 where dropped)
+    kept: torch.Tensor                 # [S, K] bool: the assignment survived the capacity limit
+    aux_loss: torch.Tensor             # scalar, E * sum_e mean_prob_e * frac_top1_e (before dropping)
+    expert_counts: torch.Tensor        # [E] first-choice counts (DeepSpeed's exp_counts)
+    shape: tuple = ()                  # (B, T): token s sits at batch s // T, position s % T
+    layer: int = -1                    # decoder layer index, set by the LanguageModel
+    valid: torch.Tensor = None         # [S] bool, real (non-padding) tokens, set by the LanguageModel
+    expert_out: torch.Tensor = None    # [S, K, D] expert outputs before weighting (for STGC's gradients)
+
+
+# -----------------------------------------------------------------------------
+# Routing (DeepSpeed v0.9.5 top2gating, generalised to k choices)
+
+def capacity(num_tokens, cfg: MoEConfig, training: bool) -> int:
+    if cfg.dropless:
+        return num_tokens
+    cf = cfg.capacity_factor if training else cfg.eval_capacity_factor
+    return max(math.ceil(num_tokens / cfg.num_experts * cf * cfg.top_k), cfg.min_capacity)
+
+
+def route(logits_SE, cfg: MoEConfig, training: bool, generator=None):
+    """Choose experts, positions in their buffers, drops and combine weights for every token."""
+    S, E = logits_SE.shape
+    probs_SE = logits_SE.softmax(dim=-1)                               # fp32
+    # k choices, best first; with 'gumbel' every choice after the first is argmax(logits + Gumbel noise)
+    # among the remaining experts, the probabilities used for weights stay un-noised (as DeepSpeed).
+    gumbel = cfg.second_expert == "gumbel" and (training or cfg.gumbel_at_eval)
+    scores_SE = logits_SE.detach().clone()
+    choices = []
+    for k in range(cfg.top_k):
+        noisy = scores_SE
+        if gumbel and k > 0:
+            u = torch.rand(scores_SE.shape, device=scores_SE.device, generator=generator)
+            noisy = scores_SE - torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
+        choice_S = noisy.argmax(dim=-1)
+        choices.append(choice_S)
+        scores_SE = scores_SE.scatter(1, choice_S[:, None], float("-inf"))
+    experts_SK = torch.stack(choices, dim=1)                           # [S, K]
+    # Buffer positions: all first choices in token order, then all second choices (DeepSpeed loc1, loc2).
+    onehot_KSE = F.one_hot(experts_SK.T, E)                            # [K, S, E]
+    before_KE = onehot_KSE.sum(dim=1).cumsum(dim=0) - onehot_KSE.sum(dim=1)   # assignments queued by earlier choices
+    pos_KSE = onehot_KSE.cumsum(dim=1) - 1 + before_KE[:, None, :]
+    pos_SK = (pos_KSE * onehot_KSE).sum(dim=-1).T                      # [S, K]
+    kept_SK = pos_SK < capacity(S, cfg, training)                      # positional dropping, first come first served
+    # Aux loss on first choices before dropping; only mean_prob carries gradient (reference §1.6 step 7).
+    counts_E = onehot_KSE[0].sum(dim=0)
+    aux = E * (probs_SE.mean(dim=0) * counts_E.float() / S).sum()
+    # Combine weights: chosen probabilities, zeroed where dropped, renormalised over the survivors (k >= 2;
+    # one survivor gets 1.0, none gets 0). Top-1 keeps the raw probability (Switch / DeepSpeed top1gating).
+    w_SK = probs_SE.gather(1, experts_SK) * kept_SK
+    if cfg.top_k > 1:
+        w_SK = w_SK / w_SK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w_SK.dtype).eps)
+    return experts_SK, w_SK, kept_SK, aux, counts_E
+
+
+def router_logits(router: nn.Linear, x_SD):
+    """fp32 router, autocast off: DeepSpeed casts both input and wg to float32 (reference §1.6 step 1)."""
+    with torch.autocast(device_type=x_SD.device.type, enabled=False):
+        return F.linear(x_SD.float(), router.weight.float())           # [S, E]
+
+# -----------------------------------------------------------------------------
+# Experts: the dense FFN's wiring over stacked per-expert weights
+
+
+def ffn_forward(kind, act, x, linear):
+    """The dense FFN of model.py (SwiGLU or GELU MLP), with linear(name, x) computing each projection."""
+    if kind == "swiglu":
+        return linear("down_proj", act(linear("gate_proj", x)) * linear("up_proj", x))
+    return linear("fc2", act(linear("fc1", x)))
+
+
+class StackedLinear(nn.Module):
+    """E copies of one nn.Linear: weight [E, out, in], bias [E, out] or None."""
+
+    def __init__(self, dense: nn.Linear, num: int):
+        super().__init__()
+        self.weight = nn.Parameter(dense.weight.detach()[None].repeat(num, 1, 1))
+        self.bias = None if dense.bias is None else nn.Parameter(dense.bias.detach()[None].repeat(num, 1))
+
+
+def grouped_linear(x_MD, lin: StackedLinear, counts_E, use_grouped_mm=True):
+    """x_MD sorted by expert (counts_E rows each) -> [M, out]: row block e times weight[e]."""
+    if use_grouped_mm:
+        offs = counts_E.cumsum(0).to(torch.int32)                      # no host sync
+        y = torch._grouped_mm(x_MD, lin.weight.transpose(-2, -1), offs=offs)
+    else:   # rows not 16-byte aligned for _grouped_mm: one matmul per expert slice (syncs for the sizes)
+        y = torch.cat([F.linear(xe, lin.weight[e]) for e, xe in enumerate(x_MD.split(counts_E.tolist()))])
+    if lin.bias is not None:
+        y = y + lin.bias.repeat_interleave(counts_E, dim=0, output_size=x_MD.shape[0])
+    return y
+
+
+class MoELayer(nn.Module):
+    """MoE-LLaVA's sparse FFN: router + E experts upcycled from `dense` (exact copies)."""
+
+    def __init__(self, cfg: MoEConfig, dense: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.kind = "swiglu" if hasattr(dense, "gate_proj") else "gelu"
+        self.act = dense.act
+        D = dense.down_proj.out_features if self.kind == "swiglu" else dense.fc2.out_features
+        # fresh router, nn.Linear's default init (kaiming-uniform a=sqrt(5)), fp32, no bias (reference §1.8)
+        self.router = nn.Linear(D, cfg.num_experts, bias=False, dtype=torch.float32, device=dense_device(dense))
+        self.experts = nn.Module()
+        for name in FFN_PROJECTIONS[self.kind]:
+            setattr(self.experts, name, StackedLinear(getattr(dense, name), cfg.num_experts))
+
+    def forward(self, x):                                              # [B, T, D]
+        B, T, D = x.shape
+        x_SD = x.reshape(-1, D)
+        logits_SE = router_logits(self.router, x_SD)
+        experts_SK, w_SK, kept_SK, aux, counts_E = route(logits_SE, self.cfg, self.training)
+        dispatch = self.experts_loop if self.cfg.impl == "loop" else self.experts_grouped
+        out_SKD = dispatch(x_SD, experts_SK)                           # every assignment, dropped ones too
+        y_SD = (out_SKD * w_SK.to(out_SKD.dtype)[..., None]).sum(dim=1)   # dropped: weight 0
+        record = RoutingRecord(logits_SE, experts_SK, w_SK, kept_SK, aux, counts_E, (B, T), expert_out=out_SKD)
+        return y_SD.view(B, T, D), record
+
+    def expert(self, e, x):
+        """Expert e on x [n, D]: the dense FFN with the e-th copy of each projection."""
+        def linear(name, h):
+            lin = getattr(self.experts, name)
+            return F.linear(h, lin.weight[e], None if lin.bias is None else lin.bias[e])
+        return ffn_forward(self.kind, self.act, x, linear)
+
+    def experts_loop(self, x_SD, experts_SK):
+        """Reference: for each expert, gather the tokens that chose it, run it, scatter back."""
+        S, K = experts_SK.shape
+        out_SKD = x_SD.new_zeros(S, K, x_SD.shape[1])
+        for e in range(self.cfg.num_experts):
+            tok, slot = (experts_SK == e).nonzero(as_tuple=True)
+            if len(tok):
+                out_SKD = out_SKD.index_put((tok, slot), self.expert(e, x_SD[tok]))
+        return out_SKD
+
+    def experts_grouped(self, x_SD, experts_SK):
+        """Fast path: sort the S*K assignments by expert (stable), one grouped matmul per projection."""
+        S, K = experts_SK.shape
+        flat_M = experts_SK.reshape(-1)                                # assignment m = s * K + k
+        order_M = flat_M.argsort(stable=True)
+        counts_E = torch.bincount(flat_M, minlength=self.cfg.num_experts)
+        x_MD = x_SD[order_M // K]                                      # [M, D], grouped by expert
+        aligned = all(t.stride(-2) * t.element_size() % 16 == 0 and t.shape[-1] * t.element_size() % 16 == 0
+                      for t in [x_MD] + [getattr(self.experts, n).weight for n in FFN_PROJECTIONS[self.kind]])
+        out_MD = ffn_forward(self.kind, self.act, x_MD,
+                             lambda name, h: grouped_linear(h.contiguous(), getattr(self.experts, name), counts_E, aligned))
+        out = torch.empty_like(out_MD).index_copy(0, order_M, out_MD)  # back to assignment order
+        return out.view(S, K, -1)                                      # [S, K, D]
+
+
+def dense_device(module):
+    return next(module.parameters()).device
+
+# -----------------------------------------------------------------------------
+# LoRA: plain (attention, baseline) and as routed experts (LLaVA-MoLE)
+
+
+class LoRALinear(nn.Module):
+    """Frozen base Linear + (alpha / r) * B(A(dropout(x))); A kaiming-uniform, B zero, so it starts as the base."""
+
+    def __init__(self, base: nn.Linear, rank, alpha, dropout=0.0):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale, self.dropout = alpha / rank, nn.Dropout(dropout)
+
+    def forward(self, x):
+        delta = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return self.base(x) + self.scale * delta
+
+
+class LoRAExperts(nn.Module):
+    """LLaVA-MoLE: frozen dense MLP; E LoRA experts on each of its projections; one top-1 router per
+    layer shared by the projections. Each projection of a token routed to expert e computes
+    W x + p_e * (alpha/r) * B_e A_e x, p_e its gate probability: the router learns through p_e, and at
+    init (B = 0) the layer equals the dense MLP. Scaling the deltas (not the whole MLP output) by p_e is
+    our choice (UNVERIFIED, reference §7.2). num_experts = 1: plain LoRA, no router, p = 1."""
+
+    def __init__(self, cfg: MoEConfig, dense: nn.Module):
+        super().__init__()
+        self.cfg = replace(cfg, dropless=True)   # LoRA experts are cheap: no capacity, no dropped tokens
+        self.base = dense.requires_grad_(False)
+        self.kind = "swiglu" if hasattr(dense, "gate_proj") else "gelu"
+        E, r, dev = cfg.num_experts, cfg.lora_rank, dense_device(dense)
+        D = dense.down_proj.out_features if self.kind == "swiglu" else dense.fc2.out_features
+        self.router = nn.Linear(D, E, bias=False, dtype=torch.float32, device=dev) if E > 1 else None
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        for name in FFN_PROJECTIONS[self.kind]:
+            lin = getattr(dense, name)
+            self.lora_A[name] = nn.Parameter(torch.empty(E, r, lin.in_features, device=dev))   # [E, r, in]
+            self.lora_B[name] = nn.Parameter(torch.zeros(E, lin.out_features, r, device=dev))  # [E, out, r]
+            for e in range(E):
+                nn.init.kaiming_uniform_(self.lora_A[name][e], a=math.sqrt(5))
+        self.scale, self.dropout = cfg.lora_alpha / r, nn.Dropout(cfg.lora_dropout)
+
+    def forward(self, x):                                              # [B, T, D]
+        B, T, D = x.shape
+        x_SD = x.reshape(-1, D)
+        if self.router is None:
+            expert_S = torch.zeros(x_SD.shape[0], dtype=torch.long, device=x.device)
+            gate_S, record = torch.ones(x_SD.shape[0], device=x.device), None
+        else:
+            logits_SE = router_logits(self.router, x_SD)
+            experts_SK, w_SK, kept_SK, aux, counts_E = route(logits_SE, self.cfg, self.training)
+            expert_S, gate_S = experts_SK[:, 0], w_SK[:, 0]            # top-1, dropless for LoRA experts
+            record = RoutingRecord(logits_SE, experts_SK, w_SK, kept_SK, aux, counts_E, (B, T))
+        onehot_SE = F.one_hot(expert_S, self.cfg.num_experts).to(x.dtype) * gate_S.to(x.dtype)[:, None]
+
+        def linear(name, h):                                           # h [S, in]
+            # Every expert's rank-r code, then only the chosen one's (onehot_SE) goes through its B. With E
+            # small and r << D this costs about E*r*(in+out)/(in*out) of the base (~8% at StableLM-1.6B).
+            code_SEr = torch.einsum("si,eri->ser", self.dropout(h), self.lora_A[name].to(h.dtype))
+            delta = torch.einsum("ser,eor,se->so", code_SEr, self.lora_B[name].to(h.dtype), onehot_SE)
+            return getattr(self.base, name)(h) + self.scale * delta
+
+        y = ffn_forward(self.kind, self.base.act, x_SD, linear).view(B, T, D)
+        return (y, record) if record is not None else y
+
+
+# -----------------------------------------------------------------------------
+# Building: replace the dense MLPs of a LanguageModel (model.py calls this; so does stage-III upcycling)
+
+def make_moe_mlp(cfg: MoEConfig, dense: nn.Module) -> nn.Module:
+    return MoELayer(cfg, dense) if cfg.kind == "ffn" else LoRAExperts(cfg, dense)
+
+
+def apply_attention_lora(blocks, cfg: MoEConfig):
+    for block in blocks:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(block.attn, name, LoRALinear(getattr(block.attn, name), cfg.attn_lora_rank,
+                                                  cfg.lora_alpha, cfg.lora_dropout))
+
+
+def routers_to_fp32(module):
+    """Routers stay fp32 whatever dtype the model is loaded or cast in (reference §1.6 step 1)."""
+    for m in module.modules():
+        if isinstance(m, (MoELayer, LoRAExperts)) and m.router is not None:
+            m.router.float()
+    return module
+
+
+def is_moe_trainable(name: str, kind: str) -> bool:
+    """Stage III trainables of the LLM (reference §1.9). 'ffn' (MoE-LLaVA): every FFN, the dense ones of
+    the non-MoE layers too, and the routers (the projector is the caller's). 'lora' (MoLE): adapters + routers."""
+    if kind == "ffn":
+        return ".mlp." in name
+    return "lora_" in name or ".router." in name
