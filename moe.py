@@ -93,9 +93,11 @@ class RoutingRecord:
     aux_loss: torch.Tensor             # scalar, E * sum_e mean_prob_e * frac_top1_e (before dropping)
     expert_counts: torch.Tensor        # [E] first-choice counts (DeepSpeed's exp_counts)
     shape: tuple = ()                  # (B, T): token s sits at batch s // T, position s % T
+    inputs: torch.Tensor = None        # [S, D] the layer input (the experts' and the router's)
+    output: torch.Tensor = None        # [B, T, D] the layer output; STGC hooks the gradient arriving here
+    module: nn.Module = None           # the layer, for STGC's per-expert functions (expert_params / expert_apply)
     layer: int = -1                    # decoder layer index, set by the LanguageModel
     valid: torch.Tensor = None         # [S] bool, real (non-padding) tokens, set by the LanguageModel
-    expert_out: torch.Tensor = None    # [S, K, D] expert outputs before weighting (for STGC's gradients)
 
 
 # -----------------------------------------------------------------------------
@@ -202,16 +204,29 @@ class MoELayer(nn.Module):
         experts_SK, w_SK, kept_SK, aux, counts_E = route(logits_SE, self.cfg, self.training)
         dispatch = self.experts_loop if self.cfg.impl == "loop" else self.experts_grouped
         out_SKD = dispatch(x_SD, experts_SK)                           # every assignment, dropped ones too
-        y_SD = (out_SKD * w_SK.to(out_SKD.dtype)[..., None]).sum(dim=1)   # dropped: weight 0
-        record = RoutingRecord(logits_SE, experts_SK, w_SK, kept_SK, aux, counts_E, (B, T), expert_out=out_SKD)
-        return y_SD.view(B, T, D), record
+        y = (out_SKD * w_SK.to(out_SKD.dtype)[..., None]).sum(dim=1).view(B, T, D)   # dropped: weight 0
+        return y, RoutingRecord(logits_SE, experts_SK, w_SK, kept_SK, aux, counts_E, (B, T), x_SD, y, self)
+
+    # One expert as a pure function of its parameters (torch.func, STGC): out = expert_apply(expert_params(e), x).
+    # The combine weight multiplies the output outside the expert (gate_inside = False).
+    gate_inside = False
+
+    def expert_params(self, e) -> dict:
+        p = {}
+        for name in FFN_PROJECTIONS[self.kind]:
+            lin = getattr(self.experts, name)
+            p[name + ".weight"] = lin.weight[e]
+            if lin.bias is not None:
+                p[name + ".bias"] = lin.bias[e]
+        return p
+
+    def expert_apply(self, params, x, gate=None, linear=F.linear):
+        return ffn_forward(self.kind, self.act, x,
+                           lambda name, h: linear(h, params[name + ".weight"], params.get(name + ".bias")))
 
     def expert(self, e, x):
         """Expert e on x [n, D]: the dense FFN with the e-th copy of each projection."""
-        def linear(name, h):
-            lin = getattr(self.experts, name)
-            return F.linear(h, lin.weight[e], None if lin.bias is None else lin.bias[e])
-        return ffn_forward(self.kind, self.act, x, linear)
+        return self.expert_apply(self.expert_params(e), x)
 
     def experts_loop(self, x_SD, experts_SK):
         """Reference: for each expert, gather the tokens that chose it, run it, scatter back."""
@@ -296,7 +311,7 @@ class LoRAExperts(nn.Module):
             logits_SE = router_logits(self.router, x_SD)
             experts_SK, w_SK, kept_SK, aux, counts_E = route(logits_SE, self.cfg, self.training)
             expert_S, gate_S = experts_SK[:, 0], w_SK[:, 0]            # top-1, dropless for LoRA experts
-            record = RoutingRecord(logits_SE, experts_SK, w_SK, kept_SK, aux, counts_E, (B, T))
+            record = RoutingRecord(logits_SE, experts_SK, w_SK, kept_SK, aux, counts_E, (B, T))   # completed below
         onehot_SE = F.one_hot(expert_S, self.cfg.num_experts).to(x.dtype) * gate_S.to(x.dtype)[:, None]
 
         def linear(name, h):                                           # h [S, in]
@@ -307,7 +322,24 @@ class LoRAExperts(nn.Module):
             return getattr(self.base, name)(h) + self.scale * delta
 
         y = ffn_forward(self.kind, self.base.act, x_SD, linear).view(B, T, D)
-        return (y, record) if record is not None else y
+        if record is None:
+            return y
+        record.inputs, record.output, record.module = x_SD, y, self
+        return y, record
+
+    # One expert as a pure function of its LoRA parameters (torch.func, STGC): the frozen MLP plus expert e's
+    # deltas, scaled by the token's gate probability inside the expert (gate_inside = True). No dropout here.
+    gate_inside = True
+
+    def expert_params(self, e) -> dict:
+        return {f"{name}.{ab}": getattr(self, f"lora_{ab}")[name][e]
+                for name in FFN_PROJECTIONS[self.kind] for ab in ("A", "B")}
+
+    def expert_apply(self, params, x, gate, linear=F.linear):        # x [N, D], gate [N]
+        def proj(name, h):
+            code = linear(h, params[name + ".A"], None)                # [N, r]
+            return getattr(self.base, name)(h) + (self.scale * gate[:, None]) * linear(code, params[name + ".B"], None)
+        return ffn_forward(self.kind, self.base.act, x, proj)
 
 
 # -----------------------------------------------------------------------------

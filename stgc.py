@@ -1,0 +1,253 @@
+"""
+stgc.py: Solving Token Gradient Conflict (STGC, Yang et al., ICLR 2025, arXiv 2406.19905).
+
+Definitions (reference/stgc_paper.md §1-2; equation numbers of the paper where they are known):
+  For every MoE layer and every (token n, chosen expert e) pair that survived capacity, padding excluded:
+    g_{n,e}  the gradient of the LM loss with respect to expert e's parameters through token n, i.e. the
+             contribution of token n's pass through e (paper §3.2: g_n = grad_{theta_e} L_n). Two sources:
+             'bias'  the paper's practical proxy: the gradient on a (virtual) bias at the expert's output,
+                     u_{n,e} = w_{n,e} * dL/dy_n for MoE experts (w the combine weight), dL/dy_n for MoLE
+                     experts (their gate probability sits inside the expert);
+             'full'  all of e's parameters (for LoRA experts, its LoRA A and B): each linear map W of the
+                     expert gets d_n x_n^T (output gradient times input), a rank-one matrix.
+    gbar_e   mean of g_{n,e} over the pairs routed to e in the micro-batch (or over all ranks: mean_scope).
+    conflict cos(g_{n,e}, gbar_e) < tau, tau = 0 by default (paper Fig. 2: "sufficiently low cosine").
+    CEL      mean over the conflicting pairs of -log softmax(-z_n)[e], z_n the router logits (Eq. 8 inverts
+             the logits, z' = -z, and takes the cross-entropy toward e, pushing e's logit down). The mask is
+             detached. Layers are summed or averaged (layer_reduction).
+  Total objective: LM + alpha * sum_layers aux + beta * CEL.
+
+Two implementations that agree (tests/test_stgc.py):
+  reference  the paper's two passes. Pass 1: forward, backward of the LM loss to each MoE layer's output (no
+             parameter gradients), per-token expert gradients with torch.func (vmap over tokens of grad of the
+             expert function), cosines of materialised vectors, masks. Pass 2: forward and backward of the full
+             objective with the CEL as an ordinary loss term.
+  fast       one forward, one backward. A hook on each MoE layer's output receives dL/dy during the backward,
+             finds the conflicts there, and a hook on the same layer's router logits, which autograd reaches
+             later, adds beta * dCEL/dz. 'full' cosines factorise: <d_n x_n^T, Gbar> = d_n^T Gbar x_n and
+             |d_n x_n^T| = |d_n||x_n|, so no per-token gradient is materialised.
+  Convention: the fast path's dL/dy is the gradient of the whole objective arriving at the layer output, which
+  includes the aux and CEL gradients of deeper MoE layers; the paper's pass 1 uses the LM loss alone. They are
+  identical when no deeper MoE layer contributes a router-loss gradient (one MoE layer, or alpha = beta = 0).
+
+Choices where the paper is silent (each a knob of STGCConfig): beta (loss_weight) default 0.01 with layers
+summed, as MoE-LLaVA sums its aux loss with 0.01; the expert mean per micro-batch and per rank; tokens with a
+zero gradient (e.g. after the last supervised token) are never conflicts; per-token gradients ignore LoRA
+dropout (the functional expert has none). In 'full' mode the fast path recomputes each expert's forward once.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.func import grad, vmap
+
+EPS = 1e-12
+
+
+@dataclass
+class STGCConfig:
+    enabled: bool = False
+    threshold: float = 0.0             # tau: conflict if cos < tau
+    loss_weight: float = 0.01          # beta; the paper's value is not known (GAR's reimplementation searched 0.25-4)
+    grad_source: str = "bias"          # 'bias' (virtual output bias) | 'full' (all expert / LoRA parameters)
+    impl: str = "fast"                 # 'fast' (one backward, hooks) | 'reference' (two passes, torch.func)
+    mean_scope: str = "rank"           # 'rank': expert mean over this rank's micro-batch | 'global': all-reduced
+    layer_reduction: str = "sum"       # 'sum' | 'mean' over MoE layers
+
+    def __post_init__(self):
+        assert self.grad_source in ("bias", "full") and self.impl in ("fast", "reference")
+        assert self.mean_scope in ("rank", "global") and self.layer_reduction in ("sum", "mean")
+
+
+@dataclass
+class LayerConflicts:
+    """One MoE layer's verdict, over its M = S*K assignments (m = s*K + k)."""
+    token: torch.Tensor                # [M] token index s
+    expert: torch.Tensor               # [M] expert e
+    pair: torch.Tensor                 # [M] bool: kept after capacity and a real token
+    cos: torch.Tensor                  # [M] cos(g_{n,e}, gbar_e); 0 outside `pair`
+    conflict: torch.Tensor             # [M] bool
+    cel: torch.Tensor = None           # the layer's CEL value (detached)
+    layer: int = -1
+
+    def stats(self, num_experts) -> dict:
+        """Plain numbers for the training log (one host sync)."""
+        pair, n = self.pair.float(), self.pair.sum().clamp_min(1)
+        per_expert = torch.zeros(num_experts, device=pair.device).index_add_(0, self.expert, self.cos * pair)
+        count = torch.zeros(num_experts, device=pair.device).index_add_(0, self.expert, pair)
+        return {"layer": self.layer, "pairs": int(self.pair.sum()), "conflict_ratio": float(self.conflict.sum() / n),
+                "mean_cos": float((self.cos * pair).sum() / n), "cel": float(self.cel) if self.cel is not None else 0.0,
+                "consistency": (per_expert / count.clamp_min(1)).tolist()}   # mean cos to its mean, per expert
+
+
+# -----------------------------------------------------------------------------
+# Per-token expert gradients and their cosines to the expert mean
+
+def assignments(record, delta_SD):
+    """Flatten a routing record into assignments, with the output gradient u of each: [M] token, expert,
+    pair mask, gate, and u [M, D] (combine weight times dL/dy for MoE experts, dL/dy for MoLE experts)."""
+    S, K = record.experts.shape
+    token = torch.arange(S, device=delta_SD.device).repeat_interleave(K)
+    expert = record.experts.reshape(-1)
+    gate = record.weights.detach().reshape(-1)
+    pair = record.kept.reshape(-1)
+    if record.valid is not None:
+        pair = pair & record.valid[token]
+    u = delta_SD[token] if record.module.gate_inside else delta_SD[token] * gate[:, None].to(delta_SD.dtype)
+    return token, expert, pair, gate, u.float()
+
+
+def _sum_over_ranks(t, scope):
+    if scope == "global" and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def per_token_grads(layer, e, x_ND, u_ND, gate_N):
+    """Reference: [N, P] per-token gradients of expert e's parameters, torch.func.vmap over tokens of grad of
+    <u_n, expert_e(x_n)>, which is token n's share of the LM loss gradient by the chain rule."""
+    params = {k: v.detach().float() for k, v in layer.expert_params(e).items()}
+
+    def token_objective(p, x, u, g):
+        return (u * layer.expert_apply(p, x[None], g[None])[0]).sum()
+
+    grads = vmap(grad(token_objective), in_dims=(None, 0, 0, 0))(params, x_ND.float(), u_ND, gate_N.float())
+    return torch.cat([g.reshape(x_ND.shape[0], -1) for g in grads.values()], dim=1)
+
+
+def factorised_full_cos(layer, e, x_ND, u_ND, gate_N, scope):
+    """Fast 'full': cos(g_n, gbar) with g_n = concat over the expert's linear maps of d_n h_n^T (and d_n for a
+    bias), never materialised. Recompute the expert on its tokens with a zero 'probe' added to every trainable
+    linear output; the probes' gradients are the per-token output gradients d_n."""
+    inputs, probes = [], []
+
+    def probed_linear(h, W, b):
+        probe = torch.zeros(h.shape[0], W.shape[0], device=h.device, dtype=h.dtype, requires_grad=True)
+        inputs.append((h.detach(), b is not None))
+        probes.append(probe)
+        return F.linear(h, W, b) + probe
+
+    params = {k: v.detach().float() for k, v in layer.expert_params(e).items()}
+    with torch.enable_grad():
+        out = layer.expert_apply(params, x_ND.detach().float(), gate_N.float(), probed_linear)
+        d_list = torch.autograd.grad(out, probes, grad_outputs=u_ND)
+    n = _sum_over_ranks(torch.tensor(float(x_ND.shape[0]), device=x_ND.device), scope).clamp_min(1)
+    dot = gn2 = 0.0
+    gbar2 = torch.zeros((), device=x_ND.device)
+    for (h, has_bias), d in zip(inputs, d_list):                     # h [N, in], d [N, out]
+        gbar = _sum_over_ranks(d.T @ h, scope) / n                     # [out, in] mean per-token gradient
+        dot = dot + ((h @ gbar.T) * d).sum(-1)                         # d_n^T gbar h_n
+        gn2 = gn2 + (d * d).sum(-1) * (h * h).sum(-1)
+        gbar2 = gbar2 + (gbar * gbar).sum()
+        if has_bias:
+            bbar = _sum_over_ranks(d.sum(0), scope) / n
+            dot, gn2, gbar2 = dot + d @ bbar, gn2 + (d * d).sum(-1), gbar2 + (bbar * bbar).sum()
+    return dot / (gn2.sqrt() * gbar2.sqrt()).clamp_min(EPS), gn2
+
+
+def find_conflicts(record, delta_SD, cfg: STGCConfig, materialise=False) -> LayerConflicts:
+    """Cosines of every pair's gradient to its expert's mean, and the conflict mask (all detached)."""
+    token, expert, pair, gate, u = assignments(record, delta_SD.detach())
+    E = record.router_logits.shape[1]
+    cos = torch.zeros(token.shape[0], device=u.device)
+    norm2 = torch.zeros_like(cos)
+    if cfg.grad_source == "bias":
+        # g = u: the expert mean by index_add over experts, no per-expert loop and no host sync
+        w = pair.float()[:, None]
+        total = _sum_over_ranks(torch.zeros(E, u.shape[1], device=u.device).index_add_(0, expert, u * w), cfg.mean_scope)
+        count = _sum_over_ranks(torch.zeros(E, device=u.device).index_add_(0, expert, w[:, 0]), cfg.mean_scope)
+        mean = (total / count.clamp_min(1)[:, None])[expert]           # [M, D]
+        cos = F.cosine_similarity(u, mean, dim=-1, eps=EPS) * pair
+        norm2 = (u * u).sum(-1)
+    else:
+        x_SD = record.inputs.detach()
+        for e in range(E):
+            idx = (pair & (expert == e)).nonzero().flatten()
+            if cfg.mean_scope == "rank" and len(idx) == 0:
+                continue
+            args = (record.module, e, x_SD[token[idx]], u[idx], gate[idx])
+            if materialise:                                            # reference: explicit [N, P] gradients
+                g = per_token_grads(*args)
+                n = _sum_over_ranks(torch.tensor(float(len(idx)), device=u.device), cfg.mean_scope).clamp_min(1)
+                gbar = _sum_over_ranks(g.sum(0), cfg.mean_scope) / n
+                cos[idx] = F.cosine_similarity(g, gbar[None], dim=-1, eps=EPS)
+                norm2[idx] = (g * g).sum(-1)
+            else:
+                cos[idx], norm2[idx] = factorised_full_cos(*args, cfg.mean_scope)
+    conflict = pair & (cos < cfg.threshold) & (norm2 > 0)             # a zero gradient has no direction
+    return LayerConflicts(token, expert, pair, cos, conflict, layer=record.layer)
+
+# -----------------------------------------------------------------------------
+# The Conflict Elimination Loss
+
+
+def conflict_elimination_loss(logits_SE, c: LayerConflicts):
+    """Mean over conflicting pairs of -log softmax(-z_n)[e] (paper Eq. 8, z' = -z); 0 without conflicts."""
+    logp_ME = F.log_softmax(-logits_SE[c.token].float(), dim=-1)
+    nll_M = -logp_ME.gather(1, c.expert[:, None])[:, 0]
+    return (nll_M * c.conflict).sum() / c.conflict.sum().clamp_min(1)
+
+
+def cel_logit_grad(logits_SE, c: LayerConflicts):
+    """d CEL / d z, in closed form: per conflicting pair (onehot(e) - softmax(-z_n)) / #conflicts."""
+    S, E = logits_SE.shape
+    g_ME = F.one_hot(c.expert, E).float() - F.softmax(-logits_SE[c.token].float(), dim=-1)
+    g_ME = g_ME * (c.conflict.float() / c.conflict.sum().clamp_min(1))[:, None]
+    return torch.zeros(S, E, device=logits_SE.device).index_add_(0, c.token, g_ME)
+
+
+class STGC:
+    def __init__(self, cfg: STGCConfig):
+        self.cfg = cfg
+        self.conflicts = []            # LayerConflicts of the last step, for logging
+
+    def layer_weight(self, num_layers):
+        return self.cfg.loss_weight / (num_layers if self.cfg.layer_reduction == "mean" else 1)
+
+    # --- reference: two passes -------------------------------------------------------------
+    def reference_conflicts(self, forward):
+        """Pass 1: run `forward()` (returns a ModelOutput with loss and routing), take the LM loss gradient at
+        each MoE layer's output (parameter .grad untouched), find the conflicts. The RNG state is restored
+        afterwards, so pass 2 routes identically (Gumbel sampling, dropout)."""
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            out = forward()
+            deltas = torch.autograd.grad(out.loss, [r.output for r in out.routing], allow_unused=True)
+            self.conflicts = [find_conflicts(r, torch.zeros_like(r.output) if d is None else d.reshape(-1, d.shape[-1]),
+                                             self.cfg, materialise=True) for r, d in zip(out.routing, deltas)]
+        return self.conflicts
+
+    def cel(self, routing, conflicts):
+        """Pass 2's loss term beta * CEL over layers (already weighted by beta)."""
+        total = 0.0
+        for r, c in zip(routing, conflicts):
+            layer_cel = conflict_elimination_loss(r.router_logits, c)
+            c.cel = layer_cel.detach()
+            total = total + self.layer_weight(len(routing)) * layer_cel
+        return total
+
+    # --- fast: one backward ----------------------------------------------------------------
+    def attach(self, routing):
+        """Hooks for the coming backward: at each MoE layer output, find the conflicts from the gradient
+        arriving there; at its router logits (reached later), add beta * dCEL/dz."""
+        self.conflicts = [None] * len(routing)
+        weight = self.layer_weight(len(routing))
+        for i, r in enumerate(routing):
+            pending = {}
+
+            def on_output_grad(delta, r=r, i=i, pending=pending):
+                c = find_conflicts(r, delta.reshape(-1, delta.shape[-1]), self.cfg)
+                logits = r.router_logits.detach()
+                c.cel = conflict_elimination_loss(logits, c)
+                pending["grad"] = weight * cel_logit_grad(logits, c)
+                self.conflicts[i] = c
+
+            def on_logits_grad(g, pending=pending):
+                return g + pending.pop("grad") if "grad" in pending else g
+
+            r.output.register_hook(on_output_grad)
+            r.router_logits.register_hook(on_logits_grad)
+
+    def stats(self, num_experts):
+        return [c.stats(num_experts) for c in self.conflicts if c is not None]
