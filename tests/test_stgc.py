@@ -177,3 +177,19 @@ def test_padding_never_counts():
     _, conflicts, _ = run(lm, STGCConfig(enabled=True), b)
     pad_tokens = (~b["attention_mask"].bool()).reshape(-1).nonzero().flatten()
     assert not conflicts[0].pair[torch.isin(conflicts[0].token, pad_tokens)].any()
+
+
+def test_bias_source_is_the_gradient_of_a_real_output_bias():
+    """Phi-2 experts end in fc2 with a bias: the 'bias' per-token gradients u_{n,e} must sum, per expert, to
+    autograd's gradient of that expert's fc2.bias under the LM loss (and for MoLE: dL/dy itself)."""
+    from stgc import assignments
+    lm, b = tiny_moe_lm("ffn", 2, family="phi2"), batch()
+    lm.zero_grad()
+    out = lm(**b)
+    rec = out.routing[0]
+    (delta,) = torch.autograd.grad(out.loss, rec.output, retain_graph=True)
+    out.loss.backward()
+    token, expert, pair, gate, u = assignments(rec, delta.reshape(-1, 64))
+    per_expert = torch.zeros(4, 64).index_add_(0, expert, u * pair[:, None])
+    assert (per_expert - rec.module.experts.fc2.bias.grad).abs().max() < 1e-6
+    assert rec.module.experts.fc2.bias.grad.abs().max() > 1e-4
