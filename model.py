@@ -29,7 +29,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -214,6 +214,10 @@ class LlavaConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     projector: str = "mlp2x_gelu"      # 'mlp2x_gelu' | 'linear'
+
+    def __post_init__(self):                                           # from a saved config JSON
+        self.vision = VisionConfig(**self.vision) if isinstance(self.vision, dict) else self.vision
+        self.lm = LMConfig(**self.lm) if isinstance(self.lm, dict) else self.lm
 
 # -----------------------------------------------------------------------------
 # 2. Vision tower
@@ -663,8 +667,11 @@ class LlavaModel(nn.Module):
     def from_pretrained(cls, path, vision_tower=None, dtype=torch.float32):
         """A LLaVA / MoE-LLaVA checkpoint dir (LLM + mm_projector keys) and the vision tower's own HF dir.
         The checkpoint's config names the tower by hub id (mm_image_tower / mm_vision_tower); nothing is
-        downloaded here, so pass the local dir of that tower."""
+        downloaded here, so pass the local dir of that tower. A dir written by `save_pretrained` (ours:
+        config.json with "format": "moe-vlm", the tower inside) needs no vision_tower."""
         hf = _read_config(path)
+        if hf.get("format") == OUR_FORMAT:
+            return cls.load_ours(path, hf, dtype)
         tower_id = hf.get("mm_image_tower") or hf.get("mm_vision_tower")
         vision_tower = vision_tower or (tower_id if tower_id and os.path.isdir(tower_id) else None)
         if vision_tower is None:
@@ -687,6 +694,28 @@ class LlavaModel(nn.Module):
         model.load_state_dict(_with_tied(model, sd), strict=True, assign=True)
         model.lm.tie_weights()
         return routers_to_fp32(model).eval()
+
+    def save_pretrained(self, path, extra_config=None):
+        """Our format: config.json {"format": "moe-vlm", "llava": LlavaConfig, ...extra_config} and
+        model.safetensors under our parameter names (tied weights stored once)."""
+        from safetensors.torch import save_model
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump({"format": OUR_FORMAT, "llava": asdict(self.cfg)} | (extra_config or {}), f, indent=2)
+        save_model(self, os.path.join(path, "model.safetensors"))
+
+    @classmethod
+    def load_ours(cls, path, config, dtype=torch.float32):
+        from safetensors.torch import load_model
+        with torch.device("meta"):
+            model = cls(LlavaConfig(**config["llava"]))
+        model.to_empty(device="cpu")
+        model.lm.tie_weights()
+        load_model(model, os.path.join(path, "model.safetensors"), strict=True)   # errors name any bad key
+        return routers_to_fp32(model.to(dtype)).eval()
+
+
+OUR_FORMAT = "moe-vlm"
 
 # -----------------------------------------------------------------------------
 # 6. Initialisation (models trained from scratch, e.g. the demo; loading overwrites all of it)

@@ -325,3 +325,19 @@ def test_bf16_loading_keeps_dtype_and_close_logits(stablelm_dir):
     with torch.no_grad():
         a, b = fp32(input_ids=ids).logits, bf16(input_ids=ids).logits.float()
     assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_our_format_round_trip_with_moe_and_tied_head(tmp_path):
+    from model import LlavaConfig, VisionConfig
+    from moe import MoEConfig
+    cfg = LlavaConfig(vision=VisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128,
+                                          num_layers=3, num_heads=4),
+                      lm=LMConfig(family="stablelm", vocab_size=256, hidden_size=96, intermediate_size=192, num_layers=4,
+                                  num_heads=4, norm="layernorm", tie_embeddings=True, moe=MoEConfig(num_experts=3)))
+    model = tiny_hf.randomize(LlavaModel(cfg)).eval()
+    model.save_pretrained(str(tmp_path / "ours"), {"data": {"template": "phi"}})
+    loaded = LlavaModel.from_pretrained(str(tmp_path / "ours"))          # no vision_tower needed: it is inside
+    ids, images = torch.tensor([[1, IMAGE_TOKEN_INDEX, 5, 6]]), torch.randn(1, 3, 32, 32)
+    assert torch.equal(model(ids, images).logits, loaded(ids, images).logits)
+    assert loaded.lm.lm_head.weight is loaded.lm.embed_tokens.weight
+    assert loaded.cfg == model.cfg and loaded.lm.layers[2].mlp.router.weight.dtype == torch.float32
