@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from moe import MoEConfig, apply_attention_lora, make_moe_mlp, routers_to_fp32
 
@@ -487,6 +488,7 @@ class LanguageModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.apply(_init_weights)
         self.tie_weights()
+        self.activation_checkpointing = False   # recompute each block in the backward (train.py sets it)
         if cfg.moe is not None:
             self.install_moe(cfg.moe)
 
@@ -520,7 +522,10 @@ class LanguageModel(nn.Module):
         valid = attention_mask[:, past:past + T].bool().reshape(-1) if attention_mask is not None else None
         routing = []
         for i, layer in enumerate(self.layers):
-            x, record = layer(x, cos, sin, mask, kv_cache, i)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x, record = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, kv_cache, i, use_reentrant=False)
+            else:
+                x, record = layer(x, cos, sin, mask, kv_cache, i)
             if record is not None:
                 record.layer, record.valid = i, valid
                 routing.append(record)
@@ -648,6 +653,11 @@ class LlavaModel(nn.Module):
         labels_list = None if labels is None else [labels[b][keep[b]] for b in range(labels.shape[0])]
         feats = self.encode_images(images) if images is not None and len(images) else None
         embeds, labs = self.splice(ids_list, feats, labels_list)
+        if feats is None and torch.is_grad_enabled() and any(p.requires_grad for p in self.projector.parameters()):
+            # A text-only batch still runs the projector on zero features, so a trainable projector gets a
+            # (zero) gradient and DDP sees every parameter used (MoE-LLaVA's feat[0:0] trick, reference §1.10).
+            empty = self.projector(self.projector[0].weight.new_zeros(0, self.cfg.vision.hidden_size))
+            embeds[0] = embeds[0] + empty.sum()
         # Re-pad on the right; positions restart at 0 per sample (MoE-LLaVA llava_arch.py, reference §1.10).
         embeds, mask = pad_sequences(embeds, side="right")             # [B, T', D], [B, T']
         labs, _ = pad_sequences(labs, side="right", value=IGNORE_INDEX)
@@ -695,24 +705,28 @@ class LlavaModel(nn.Module):
         model.lm.tie_weights()
         return routers_to_fp32(model).eval()
 
-    def save_pretrained(self, path, extra_config=None):
-        """Our format: config.json {"format": "moe-vlm", "llava": LlavaConfig, ...extra_config} and
-        model.safetensors under our parameter names (tied weights stored once)."""
-        from safetensors.torch import save_model
+    def save_pretrained(self, path, extra_config=None, state_dict=None):
+        """Our format: config.json {"format": "moe-vlm", "llava": LlavaConfig, **extra_config} and
+        model.safetensors under our parameter names; a tied lm_head is stored once (as the embedding).
+        state_dict: a full state dict gathered elsewhere (FSDP), else this module's."""
+        from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump({"format": OUR_FORMAT, "llava": asdict(self.cfg)} | (extra_config or {}), f, indent=2)
-        save_model(self, os.path.join(path, "model.safetensors"))
+        sd = dict(self.state_dict() if state_dict is None else state_dict)
+        if self.cfg.lm.tie_embeddings:
+            sd.pop("lm.lm_head.weight")
+        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, os.path.join(path, "model.safetensors"))
 
     @classmethod
     def load_ours(cls, path, config, dtype=torch.float32):
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file
         with torch.device("meta"):
             model = cls(LlavaConfig(**config["llava"]))
-        model.to_empty(device="cpu")
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
+        model.load_state_dict(_with_tied(model, sd), strict=True, assign=True)   # errors name any bad key
         model.lm.tie_weights()
-        load_model(model, os.path.join(path, "model.safetensors"), strict=True)   # errors name any bad key
-        return routers_to_fp32(model.to(dtype)).eval()
+        return routers_to_fp32(model).eval()
 
 
 OUR_FORMAT = "moe-vlm"

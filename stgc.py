@@ -218,21 +218,22 @@ class STGC:
                                              self.cfg, materialise=True) for r, d in zip(out.routing, deltas)]
         return self.conflicts
 
-    def cel(self, routing, conflicts):
-        """Pass 2's loss term beta * CEL over layers (already weighted by beta)."""
+    def cel(self, routing, conflicts, scale=1.0):
+        """Pass 2's loss term: beta * CEL over layers (already weighted by beta), times `scale` (train.py
+        passes 1 / gradient-accumulation steps)."""
         total = 0.0
         for r, c in zip(routing, conflicts):
             layer_cel = conflict_elimination_loss(r.router_logits, c)
             c.cel = layer_cel.detach()
-            total = total + self.layer_weight(len(routing)) * layer_cel
+            total = total + scale * self.layer_weight(len(routing)) * layer_cel
         return total
 
     # --- fast: one backward ----------------------------------------------------------------
-    def attach(self, routing):
+    def attach(self, routing, scale=1.0):
         """Hooks for the coming backward: at each MoE layer output, find the conflicts from the gradient
-        arriving there; at its router logits (reached later), add beta * dCEL/dz."""
+        arriving there; at its router logits (reached later), add scale * beta * dCEL/dz."""
         self.conflicts = [None] * len(routing)
-        weight = self.layer_weight(len(routing))
+        weight = scale * self.layer_weight(len(routing))
         for i, r in enumerate(routing):
             pending = {}
 

@@ -1,0 +1,591 @@
+"""
+train.py: every training stage of MoE-LLaVA / LLaVA-MoLE, with STGC, in one script.
+
+    python train.py --config configs/demo.toml                                   # one process, CPU or GPU
+    torchrun --nproc_per_node=8 train.py --config configs/moe_llava_stablelm_stgc.toml --train.lr=2e-5
+    python train.py --config configs/X.toml --resume out/X/latest                # continue exactly
+    python train.py --export-moe-llava out/X/step_000100 --to out/X_hf            # MoE-LLaVA / HF layout
+
+Stages (reference/moe_llava.md §1.9, §4.1):
+  pretrain  stage I: the projector trains; plain template.
+  finetune  stage II: the LLM and the projector train.
+  moe       stage III: dense MLPs upcycled into experts (moe.py); every FFN (dense ones too), the routers and
+            the projector train, as the original really does (its `train_modules` + projector).
+  mole      LLaVA-MoLE: LoRA experts (+ routers, + optional attention LoRA) train; all else frozen.
+  lora      plain LoRA on every MLP (MoLE with one expert, no router): the MoLE paper's baseline.
+The vision tower is frozen unless train.train_vision_tower (the demo trains its tower from scratch).
+
+The objective of one optimizer step, every term in one place (see `train_step`):
+  sum over micro-batches and ranks of  CE_sum / N_global  +  alpha * aux / accum  +  beta * CEL / accum
+N_global counts the supervised tokens of all micro-batches on all ranks (the LM loss is a mean over the
+global batch, not a mean of micro-batch means); aux and CEL are means over micro-batches, as in MoE-LLaVA.
+
+Config: TOML presets in configs/ with sections [train] [init] [model] [moe] [stgc] [data], mapped onto the
+dataclasses TrainConfig, InitConfig, LlavaConfig (model.py), MoEConfig (moe.py), STGCConfig (stgc.py),
+DataConfig (data.py). Precedence: dataclass defaults < TOML file < --section.key=value (literal_eval'd,
+type-checked against the default). An unknown key is an error naming it.
+"""
+import ast
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import tomllib
+from contextlib import nullcontext
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data import DataConfig, LlavaJsonDataset, ModalityLengthGroupedSampler, Tokenizer, collate
+from model import IGNORE_INDEX, LanguageModel, LlavaConfig, LlavaModel, VisionTower, Projector, to_hf_state_dict
+from moe import MoEConfig, is_moe_trainable
+from stgc import STGC, STGCConfig
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "finetune"            # pretrain | finetune | moe | mole | lora
+    out_dir: str = "out/run"
+    seed: int = 0
+    epochs: int = 1
+    max_steps: int = 0                 # > 0: stop after this many optimizer steps (else `epochs`)
+    global_batch_size: int = 128       # samples per optimizer step, all ranks
+    micro_batch_size: int = 8          # samples per forward on one rank; accumulation fills the rest
+    lr: float = 2e-5
+    projector_lr: float = 0.0          # 0: same as lr (MoE-LLaVA's mm_projector_lr is unused)
+    min_lr_ratio: float = 0.0          # cosine decays to lr * min_lr_ratio (HF's cosine goes to 0)
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0          # MoE-LLaVA: 0; biases and norms never decay
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0             # HF Trainer's max_grad_norm
+    dtype: str = "bf16"                # bf16 autocast on CUDA (fp32 master weights); CPU always runs fp32
+    parallel: str = "ddp"              # ddp | fsdp (FSDP2 fully_shard: for models that do not fit DDP)
+    activation_checkpointing: bool = False
+    train_vision_tower: bool = False   # the demo trains a small tower from scratch; the papers never do
+    num_workers: int = 0
+    log_every: int = 1
+    save_every: int = 0                # 0: only at the end
+    keep_last: int = 2                 # step_* checkpoints kept
+    max_nonfinite: int = 5             # consecutive non-finite losses (skipped steps) before aborting
+
+    def __post_init__(self):
+        assert self.stage in ("pretrain", "finetune", "moe", "mole", "lora"), f"unknown stage {self.stage!r}"
+        assert self.dtype in ("bf16", "fp32") and self.parallel in ("ddp", "fsdp")
+
+
+@dataclass
+class InitConfig:
+    source: str = "scratch"            # scratch ([model] sizes) | hf (llm + vision_tower dirs) | checkpoint
+    llm: str = ""                      # hf: an HF LLM dir (StableLM-2, Phi-2, Qwen, Llama, ...)
+    vision_tower: str = ""             # hf: CLIP/SigLIP dir; checkpoint: the tower of a LLaVA/MoE-LLaVA dir
+    checkpoint: str = ""               # ours (a previous stage), or a LLaVA / MoE-LLaVA dir
+
+    def __post_init__(self):
+        assert self.source in ("scratch", "hf", "checkpoint"), f"unknown init.source {self.source!r}"
+
+
+@dataclass
+class Config:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    model: LlavaConfig = field(default_factory=LlavaConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    stgc: STGCConfig = field(default_factory=STGCConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _defaults(cls) -> dict:
+    """A dataclass's field defaults as a nested dict, before any __post_init__ fills derived values."""
+    out = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default                                    # e.g. LMConfig.moe = None stays None
+        elif is_dataclass(f.type):
+            out[f.name] = _defaults(f.type)
+        else:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _merge(base: dict, new: dict, where: str, prefix=""):
+    for key, value in new.items():
+        name = prefix + key
+        if key not in base:
+            raise ConfigError(f"unknown config key {name!r} ({where})")
+        old = base[key]
+        if isinstance(old, dict) and old and isinstance(value, dict):
+            _merge(old, value, where, name + ".")
+            continue
+        ok = (old is None or old == {} or isinstance(old, str) and isinstance(value, (str, list))  # e.g. moe.layers
+              or type(old) is type(value) or isinstance(old, float) and type(value) is int
+              or isinstance(old, list) and isinstance(value, list))
+        if not ok:
+            raise ConfigError(f"{name}: expected {type(old).__name__}, got {value!r} ({where})")
+        base[key] = float(value) if isinstance(old, float) else value
+
+
+def load_config(path=None, overrides=()) -> Config:
+    """Defaults < TOML file < overrides ('section.key=value')."""
+    d = _defaults(Config)
+    if path:
+        with open(path, "rb") as f:
+            _merge(d, tomllib.load(f), path)
+    for item in overrides:
+        key, eq, raw = item.lstrip("-").partition("=")
+        if not eq:
+            raise ConfigError(f"override {item!r} is not --section.key=value")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw                                                # a bare string
+        nested = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        _merge(d, nested, f"override --{item.lstrip('-')}")
+    try:
+        return Config(train=TrainConfig(**d["train"]), init=InitConfig(**d["init"]), model=LlavaConfig(**d["model"]),
+                      moe=MoEConfig(**d["moe"]), stgc=STGCConfig(**d["stgc"]), data=DataConfig(**d["data"]))
+    except (AssertionError, ValueError, TypeError) as e:
+        raise ConfigError(f"invalid config: {e}") from None
+
+# -----------------------------------------------------------------------------
+# Model: build or load, set the stage's trainable parameters
+
+
+def build_model(cfg: Config, vocab_size: int) -> LlavaModel:
+    src = cfg.init
+    if src.source == "scratch":
+        if cfg.model.lm.vocab_size < vocab_size:
+            raise ConfigError(f"model.lm.vocab_size={cfg.model.lm.vocab_size} < the tokenizer's {vocab_size}")
+        model = LlavaModel(cfg.model)
+    elif src.source == "hf":
+        tower = VisionTower.from_pretrained(src.vision_tower, select_layer=cfg.model.vision.select_layer,
+                                            select_feature=cfg.model.vision.select_feature)
+        lm = LanguageModel.from_pretrained(src.llm)
+        with torch.device("meta"):                                    # nothing random built only to be replaced
+            model = LlavaModel(LlavaConfig(vision=tower.cfg, lm=lm.cfg, projector=cfg.model.projector))
+        model.vision_tower, model.lm = tower, lm
+        model.projector = Projector(cfg.model.projector, tower.cfg.hidden_size, lm.cfg.hidden_size)   # fresh
+    else:
+        model = LlavaModel.from_pretrained(src.checkpoint, vision_tower=src.vision_tower or None)
+    stage = cfg.train.stage
+    if stage in ("moe", "mole", "lora") and model.lm.cfg.moe is None:
+        moe = cfg.moe
+        if stage == "lora":                                           # MoLE with one expert = plain LoRA
+            moe = MoEConfig(**(asdict(moe) | dict(kind="lora", num_experts=1, top_k=1, layers="dense")))
+        elif stage == "mole" and moe.kind != "lora":
+            raise ConfigError("stage 'mole' needs moe.kind = 'lora' (and moe.top_k = 1)")
+        model.lm.install_moe(moe)                                     # stage III upcycling (moe.py)
+    return model
+
+
+def set_trainable(model: LlavaModel, cfg: TrainConfig):
+    """Which parameters train in each stage (reference §1.9)."""
+    model.requires_grad_(False)
+    kind = model.lm.cfg.moe.kind if model.lm.cfg.moe is not None else None
+    for name, p in model.named_parameters():
+        if name.startswith("projector."):
+            p.requires_grad_(cfg.stage in ("pretrain", "finetune", "moe"))
+        elif name.startswith("lm."):
+            inner = name[len("lm."):]
+            p.requires_grad_(cfg.stage == "finetune" or (cfg.stage in ("moe", "mole", "lora") and is_moe_trainable(inner, kind)))
+        elif name.startswith("vision_tower."):
+            p.requires_grad_(cfg.train_vision_tower)
+    return model
+
+
+def param_groups(model, cfg: TrainConfig):
+    """Per-component groups (projector may have its own lr); no weight decay on biases and norms."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        component = name.split(".")[0] if name.startswith("projector.") else "main"
+        decay = p.dim() >= 2 and "norm" not in name
+        g = groups.setdefault((component, decay), {"params": [], "names": [], "weight_decay": cfg.weight_decay if decay else 0.0,
+                                                    "lr_scale": (cfg.projector_lr / cfg.lr) if component == "projector" and cfg.projector_lr else 1.0})
+        g["params"].append(p)
+        g["names"].append(name)
+    return [{k: v for k, v in g.items() if k != "names"} for g in groups.values()]
+
+
+def lr_at(step, total_steps, cfg: TrainConfig):
+    """Linear warmup, then cosine to lr * min_lr_ratio: a pure function of the step (nothing to checkpoint)."""
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def apply_fsdp(model: LlavaModel, bf16: bool):
+    """FSDP2: the tower as one unit, each decoder block as one, the root last; bf16 params, fp32 reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    fully_shard(model.vision_tower, mp_policy=mp)
+    for block in model.lm.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def flops_per_step(model: LlavaModel, tokens: int, images: int) -> float:
+    """Model FLOPs of one step: 6 * active LM parameters per token (experts counted at top_k / E; embeddings
+    excluded, lm_head included) + 12 * layers * D * T per token for attention scores (T ~ tokens per
+    sequence, approximated by 2048), + 2 * tower parameters per image patch token (frozen tower: forward
+    only). Routers and norms are negligible."""
+    lm, active = model.lm, 0
+    for name, p in lm.named_parameters():
+        if name.startswith("embed_tokens"):
+            continue
+        frac = 1.0
+        if ".mlp.experts." in name:
+            frac = lm.cfg.moe.top_k / lm.cfg.moe.num_experts
+        active += p.numel() * frac
+    attn = 12 * lm.cfg.num_layers * lm.cfg.hidden_size * 2048
+    tower = sum(p.numel() for p in model.vision_tower.parameters())
+    return (6 * active + attn) * tokens + 2 * tower * model.cfg.vision.num_positions * images
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+def peak_flops(device) -> float:
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), 0.0)
+
+# -----------------------------------------------------------------------------
+# Checkpoints: weights (safetensors), optimizer, sampler position, RNG, step, config; atomic; keep last K
+
+
+def save_checkpoint(ctx, step, consumed_in_epoch, epoch):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(ctx.model, options=opts)          # collective under FSDP
+    optim_sd = get_optimizer_state_dict(ctx.model, ctx.optimizer, options=opts)
+    final = os.path.join(ctx.cfg.train.out_dir, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    if ctx.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        ctx.raw.save_pretrained(tmp, ctx.extra_config, state_dict=model_sd)
+        shutil.copy(ctx.cfg.data.tokenizer_path, os.path.join(tmp, "tokenizer.json"))
+        torch.save({"step": step, "epoch": epoch, "optimizer": optim_sd, "nonfinite": ctx.nonfinite,
+                    "sampler": ctx.sampler.state_dict(samples_consumed=consumed_in_epoch)},
+                   os.path.join(tmp, "trainer_state.pt"))
+    if ctx.world > 1:
+        dist.barrier()
+    torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python": random.getstate()}, os.path.join(tmp, f"rng_rank{ctx.rank}.pt"))
+    if ctx.world > 1:
+        dist.barrier()
+    if ctx.rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)                                         # atomic: a crash leaves step_*.tmp only
+        with open(os.path.join(ctx.cfg.train.out_dir, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(final))
+        os.replace(os.path.join(ctx.cfg.train.out_dir, "latest.tmp"), os.path.join(ctx.cfg.train.out_dir, "latest"))
+        kept = sorted(d for d in os.listdir(ctx.cfg.train.out_dir) if d.startswith("step_") and not d.endswith(".tmp"))
+        for old in kept[:-ctx.cfg.train.keep_last] if ctx.cfg.train.keep_last > 0 else []:
+            shutil.rmtree(os.path.join(ctx.cfg.train.out_dir, old))
+    if ctx.world > 1:
+        dist.barrier()
+    return final
+
+
+def resolve_resume(path):
+    """A step_* dir, or a run dir / its 'latest' file pointing at one."""
+    if os.path.basename(path) == "latest" and os.path.isfile(path):
+        path = os.path.dirname(path)
+    if os.path.isfile(os.path.join(path, "latest")):
+        with open(os.path.join(path, "latest")) as f:
+            path = os.path.join(path, f.read().strip())
+    if not os.path.isfile(os.path.join(path, "trainer_state.pt")):
+        raise FileNotFoundError(f"--resume {path}: no trainer_state.pt there (expected a step_* checkpoint dir)")
+    return path
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+@dataclass
+class Context:
+    cfg: Config
+    model: torch.nn.Module             # wrapped (DDP / FSDP) or raw
+    raw: LlavaModel
+    optimizer: torch.optim.Optimizer
+    sampler: ModalityLengthGroupedSampler
+    rank: int
+    world: int
+    device: torch.device
+    extra_config: dict
+    stgc: STGC = None
+    nonfinite: int = 0
+
+
+def setup_distributed():
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world, torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+
+
+def all_reduce_sum(t, world):
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def train_step(ctx: Context, micro_batches, step, total_steps):
+    """One optimizer step over `micro_batches` (this rank's share of the global batch)."""
+    cfg, model, device = ctx.cfg, ctx.model, ctx.device
+    accum = len(micro_batches)
+    n_local = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
+    n_global = all_reduce_sum(torch.tensor(float(n_local), device=device), ctx.world)
+    if n_global.item() == 0:
+        raise RuntimeError(f"step {step}: the whole global batch has no supervised token (check the template)")
+    lr = lr_at(step, total_steps, cfg.train)
+    for g in ctx.optimizer.param_groups:
+        g["lr"] = lr * g["lr_scale"]
+    bf16 = cfg.train.dtype == "bf16" and device.type == "cuda"
+    sums = torch.zeros(4, device=device)                              # LM CE sum, aux, CEL, MoE layers
+    for i, mb in enumerate(micro_batches):
+        last = i == accum - 1
+        sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()   # DDP: reduce once
+        if hasattr(model, "set_requires_gradient_sync"):              # FSDP2: the same
+            model.set_requires_gradient_sync(last)
+        batch = {k: mb[k].to(device) for k in ("input_ids", "attention_mask", "labels", "images")}
+        with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            forward = lambda: model(batch["input_ids"], batch["images"], labels=batch["labels"],
+                                    attention_mask=batch["attention_mask"])
+            conflicts = None
+            if ctx.stgc is not None and ctx.stgc.cfg.impl == "reference":
+                conflicts = ctx.stgc.reference_conflicts(forward)     # pass 1 (paper): LM-loss gradients only
+            out = forward()
+            # ---- the objective: every term here -------------------------------------------------
+            lm_term = out.loss * out.num_tokens * ctx.world / n_global   # CE sum / N_global (DDP averages ranks)
+            aux_term = cfg.moe.aux_loss_coef * out.aux_loss / accum      # alpha * sum over MoE layers of aux
+            loss = lm_term + aux_term
+            if conflicts is not None:
+                loss = loss + ctx.stgc.cel(out.routing, conflicts, scale=1 / accum)   # beta * CEL, pass 2
+            elif ctx.stgc is not None and out.routing:
+                ctx.stgc.attach(out.routing, scale=1 / accum)          # beta * CEL gradient, in this backward
+            # -------------------------------------------------------------------------------------
+            loss.backward()
+        sums += torch.stack([out.loss.detach() * out.num_tokens, out.aux_loss.detach(),
+                             torch.tensor(sum(float(c.cel) for c in ctx.stgc.conflicts if c is not None)
+                                          if ctx.stgc is not None else 0.0, device=device),
+                             torch.tensor(float(len(out.routing)), device=device)])
+    sums = all_reduce_sum(sums, ctx.world)
+    lm_loss = float(sums[0] / n_global)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)   # FSDP: DTensor
+    if not (math.isfinite(lm_loss) and math.isfinite(grad_norm)):   # a non-finite gradient anywhere shows here
+        ctx.optimizer.zero_grad(set_to_none=True)
+        ctx.nonfinite += 1
+        if ctx.nonfinite >= cfg.train.max_nonfinite:
+            raise RuntimeError(f"step {step}: {ctx.nonfinite} non-finite losses in a row (train.max_nonfinite); "
+                               "lower the lr, check the data, or use bf16 rather than fp16")
+        return {"step": step, "skipped_nonfinite": ctx.nonfinite, "lm_loss": lm_loss}
+    ctx.nonfinite = 0
+    ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    log = {"step": step, "lr": lr, "lm_loss": lm_loss, "aux_loss": float(sums[1]) / (accum * ctx.world),
+           "cel": float(sums[2]) / (accum * ctx.world), "grad_norm": grad_norm, "tokens": int(n_global)}
+    if out.routing:
+        log["expert_load"] = [(r.expert_counts.float() / r.expert_counts.sum().clamp_min(1)).tolist() for r in out.routing]
+    if ctx.stgc is not None:
+        log["stgc"] = ctx.stgc.stats(ctx.raw.lm.cfg.moe.num_experts)
+    return log
+
+
+def global_batches(loader, accum, stats):
+    """Lists of `accum` micro-batches (one optimizer step on this rank); a partial list at the end is dropped."""
+    micro = []
+    for mb in loader:
+        stats.update(mb)                                              # skipped / truncated records, for the report
+        micro.append(mb)
+        if len(micro) == accum:
+            yield micro
+            micro = []
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--export-moe-llava":
+        return export_moe_llava(argv[1], argv[argv.index("--to") + 1])
+    config_path = argv[argv.index("--config") + 1] if "--config" in argv else None
+    resume = argv[argv.index("--resume") + 1] if "--resume" in argv else None
+    flags = [a for i, a in enumerate(argv) if a not in ("--config", "--resume") and (i == 0 or argv[i - 1] not in ("--config", "--resume"))]
+    if any(not (a.startswith("--") and "=" in a) for a in flags):
+        raise ConfigError(f"arguments must be --config FILE, --resume DIR or --section.key=value; got {flags}")
+    overrides = flags
+    cfg = load_config(config_path, overrides)
+    rank, world, device = setup_distributed()
+    tc = cfg.train
+    if tc.global_batch_size % (tc.micro_batch_size * world):
+        raise ConfigError(f"train.global_batch_size={tc.global_batch_size} is not a multiple of "
+                          f"micro_batch_size={tc.micro_batch_size} x {world} ranks")
+    accum = tc.global_batch_size // (tc.micro_batch_size * world)
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if rank == 0:
+        print(f"config ({config_path or 'defaults'}):\n{json.dumps(asdict(cfg), indent=1)}")
+
+    # ---- data --------------------------------------------------------------------------------
+    tokenizer = Tokenizer.from_file(cfg.data.tokenizer_path, cfg.data.tokenizer_family)
+    dataset = LlavaJsonDataset(cfg.data, tokenizer)
+    if rank == 0:
+        print(dataset.report())
+    sampler = ModalityLengthGroupedSampler(dataset.modality_lengths, tc.micro_batch_size * accum, world, rank, tc.seed,
+                                           group_by_modality_length=tc.stage != "pretrain")
+    steps_per_epoch = len(sampler) // (tc.micro_batch_size * accum)
+    total_steps = tc.max_steps or tc.epochs * steps_per_epoch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(dataset)} samples cannot fill one global batch of {tc.global_batch_size}")
+
+    # ---- model, trainable set, parallelism, optimizer -------------------------------------------
+    state = None
+    if resume:
+        resume = resolve_resume(resume)
+        cfg.init = InitConfig(source="checkpoint", checkpoint=resume)
+        state = torch.load(os.path.join(resume, "trainer_state.pt"), map_location="cpu", weights_only=True)
+    model = build_model(cfg, tokenizer.vocab_size)
+    set_trainable(model, tc).to(device)
+    model.lm.activation_checkpointing = tc.activation_checkpointing
+    raw = model
+    if world > 1 and tc.parallel == "fsdp":
+        model = apply_fsdp(model, tc.dtype == "bf16" and device.type == "cuda")
+    elif world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                          find_unused_parameters=cfg.moe.impl == "loop")
+    optimizer = torch.optim.AdamW(param_groups(raw, tc), lr=tc.lr, betas=tuple(tc.adam_betas), fused=device.type == "cuda")
+    extra = {"data": {k: getattr(cfg.data, k) for k in ("template", "tokenizer_family", "image_processor", "image_size",
+                                                         "image_aspect", "max_length")}, "train_config": asdict(cfg)}
+    ctx = Context(cfg, model, raw, optimizer, sampler, rank, world, device, extra,
+                  STGC(cfg.stgc) if cfg.stgc.enabled and tc.stage in ("moe", "mole") else None)
+    step, epoch, consumed = 0, 0, 0
+    if state is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        sampler.load_state_dict(state["sampler"])
+        step, epoch, ctx.nonfinite = state["step"], state["epoch"], state["nonfinite"]
+        consumed = sampler.start
+        rng = torch.load(os.path.join(resume, f"rng_rank{rank}.pt"), weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        random.setstate(rng["python"])
+    else:
+        sampler.set_epoch(0)
+    if rank == 0:
+        n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+        print(f"stage {tc.stage}: {n_train / 1e6:.2f}M of {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M "
+              f"parameters train; {world} rank(s) x {tc.micro_batch_size} x {accum} accumulation; {total_steps} steps")
+
+    # ---- loop ----------------------------------------------------------------------------------
+    os.makedirs(tc.out_dir, exist_ok=True)
+    log_file = open(os.path.join(tc.out_dir, "log.jsonl"), "a") if rank == 0 else None
+    peak = peak_flops(device)
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"{tc.stage}")
+    raw.train()
+    loader_collate = lambda samples: collate(samples, tokenizer.pad_id, "right", cfg.data.image_size)
+    while step < total_steps:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=tc.micro_batch_size, sampler=sampler,
+                                             collate_fn=loader_collate, num_workers=tc.num_workers, drop_last=True)
+        for micro in global_batches(loader, accum, dataset.stats):
+            t0 = time.perf_counter()
+            log = train_step(ctx, micro, step, total_steps)
+            consumed += accum * tc.micro_batch_size
+            step += 1
+            dt = time.perf_counter() - t0
+            n_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro) * world
+            n_images = sum(len(mb["images"]) for mb in micro) * world
+            log |= {"epoch": epoch, "step_time": dt, "tokens_per_s": n_tokens / dt}
+            if peak:
+                log["mfu"] = flops_per_step(raw, n_tokens, n_images) / dt / (peak * world)
+            if rank == 0:
+                if step % tc.log_every == 0 or step == total_steps:
+                    log_file.write(json.dumps(log) + "\n")
+                    log_file.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{log['lm_loss']:.3f}", lr=f"{log.get('lr', 0):.1e}")
+            if step == total_steps:
+                break
+            if tc.save_every and step % tc.save_every == 0:
+                save_checkpoint(ctx, step, consumed, epoch)
+        else:                                                         # the epoch ran out
+            epoch, consumed = epoch + 1, 0
+            sampler.set_epoch(epoch)
+    bar.close()
+    last_saved = save_checkpoint(ctx, step, consumed, epoch)
+    if rank == 0:
+        print(dataset.report())
+        print(f"saved {last_saved}")
+        log_file.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return last_saved
+
+# -----------------------------------------------------------------------------
+# Export to MoE-LLaVA / HF layout
+
+
+def export_moe_llava(checkpoint, out_dir):
+    """Our checkpoint -> a dir LLaVA/MoE-LLaVA tools read: their key names (to_hf_state_dict), a config.json
+    with the LLM's HF fields, the mm_* fields and (for MoE) the `moe` dict; the vision tower is left out
+    (MoE-LLaVA loads it from its own dir). LoRA/MoLE weights have no such layout."""
+    from safetensors.torch import save_file
+    model = LlavaModel.from_pretrained(checkpoint)
+    lm = model.lm.cfg
+    family = lm.family if lm.family != "llama" or not (lm.qkv_bias and not lm.o_bias) else "qwen1_5"   # Qwen2 biases
+    hf = {"model_type": ("moe_llava_" if lm.moe else "llava_") + family, "vocab_size": lm.vocab_size,
+          "hidden_size": lm.hidden_size, "intermediate_size": lm.intermediate_size * (2 if family == "qwen" else 1),
+          "num_hidden_layers": lm.num_layers, "num_attention_heads": lm.num_heads, "num_key_value_heads": lm.num_kv_heads,
+          "head_dim": lm.head_dim, "kv_channels": lm.head_dim, "rope_theta": lm.rope_theta, "rotary_emb_base": lm.rope_theta,
+          "partial_rotary_factor": lm.partial_rotary_factor, "rotary_pct": lm.partial_rotary_factor,
+          "rms_norm_eps": lm.norm_eps, "layer_norm_eps": lm.norm_eps, "layer_norm_epsilon": lm.norm_eps,
+          "use_qkv_bias": lm.qkv_bias, "attention_bias": lm.qkv_bias and lm.o_bias, "mlp_bias": lm.mlp_bias,
+          "use_parallel_residual": lm.parallel_block, "tie_word_embeddings": lm.tie_embeddings,
+          "hidden_act": lm.act, "max_position_embeddings": lm.max_position_embeddings, "seq_length": lm.max_position_embeddings,
+          "mm_hidden_size": model.cfg.vision.hidden_size, "mm_vision_select_layer": model.cfg.vision.select_layer,
+          "mm_vision_select_feature": model.cfg.vision.select_feature, "image_projector_type": model.cfg.projector}
+    if lm.moe is not None:
+        if lm.moe.kind != "ffn":
+            raise ValueError("MoLE / LoRA checkpoints have no MoE-LLaVA layout")
+        layers = lm.moe.layer_indices(lm.num_layers)
+        hf["moe"] = {"moe_enable": True, "moe_mode": "custom", "moe_layers_idx": layers, "ep_size": 1,
+                     "top_k_experts": lm.moe.top_k, "capacity_factor": lm.moe.capacity_factor,
+                     "eval_capacity_factor": lm.moe.eval_capacity_factor, "min_capacity": lm.moe.min_capacity,
+                     "use_residual": False, "router_aux_loss_coef": lm.moe.aux_loss_coef,
+                     "num_experts": [lm.moe.num_experts] * len(layers)}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    save_file({k: v.contiguous() for k, v in to_hf_state_dict(model).items()}, os.path.join(out_dir, "model.safetensors"))
+    if os.path.isfile(os.path.join(checkpoint, "tokenizer.json")):
+        shutil.copy(os.path.join(checkpoint, "tokenizer.json"), out_dir)
+    print(f"exported {checkpoint} -> {out_dir} ({hf['model_type']})")
+    return out_dir
+
+
+if __name__ == "__main__":
+    main()
