@@ -198,6 +198,24 @@ class Tokenizer:
         return cls(tokenizers.Tokenizer.from_file(path), family)
 
     @classmethod
+    def load(cls, path: str, family: str) -> "Tokenizer":
+        """A tokenizer.json, a tiktoken rank file (Qwen-1's qwen.tiktoken, StableLM-2's arcade100k.tiktoken),
+        or a model dir holding one of them."""
+        if os.path.isdir(path):
+            names = sorted(os.listdir(path))
+            found = "tokenizer.json" if "tokenizer.json" in names else next((n for n in names if n.endswith(".tiktoken")), None)
+            if found is None:
+                raise FileNotFoundError(f"{path}: no tokenizer.json or *.tiktoken file")
+            path = os.path.join(path, found)
+        if not path.endswith(".tiktoken"):
+            return cls.from_file(path, family)
+        if family == "qwen":
+            return cls.from_tiktoken(path, family, QWEN_SPECIALS)
+        if family == "stablelm":
+            return cls.from_tiktoken(path, family, ARCADE100K_SPECIALS, special_start=100257)
+        raise ValueError(f"{path}: a tiktoken file needs tokenizer_family 'qwen' or 'stablelm', not {family!r}")
+
+    @classmethod
     def from_tiktoken(cls, path: str, family: str, special_tokens: list[str], special_start: int | None = None,
                       pattern: str = QWEN_PATTERN) -> "Tokenizer":
         return cls(tiktoken_to_tokenizers(load_tiktoken_ranks(path), special_tokens, special_start, pattern), family)

@@ -179,7 +179,7 @@ def build_model(cfg: Config, vocab_size: int) -> LlavaModel:
         model.vision_tower, model.lm = tower, lm
         model.projector = Projector(cfg.model.projector, tower.cfg.hidden_size, lm.cfg.hidden_size)   # fresh
     else:
-        model = LlavaModel.from_pretrained(src.checkpoint, vision_tower=src.vision_tower or None)
+        model = LlavaModel.from_pretrained(latest_checkpoint(src.checkpoint), vision_tower=src.vision_tower or None)
     stage = cfg.train.stage
     if stage in ("moe", "mole", "lora") and model.lm.cfg.moe is None:
         moe = cfg.moe
@@ -197,7 +197,9 @@ def set_trainable(model: LlavaModel, cfg: TrainConfig):
     kind = model.lm.cfg.moe.kind if model.lm.cfg.moe is not None else None
     for name, p in model.named_parameters():
         if name.startswith("projector."):
-            p.requires_grad_(cfg.stage in ("pretrain", "finetune", "moe"))
+            # every stage: I and II by design; III and LoRA because LLaVA's initialize_vision_modules re-enables
+            # the projector after the LoRA/MoE freezing ("in case it is frozen by LoRA", reference §1.9)
+            p.requires_grad_(True)
         elif name.startswith("lm."):
             inner = name[len("lm."):]
             p.requires_grad_(cfg.stage == "finetune" or (cfg.stage in ("moe", "mole", "lora") and is_moe_trainable(inner, kind)))
@@ -282,7 +284,7 @@ def save_checkpoint(ctx, step, consumed_in_epoch, epoch):
     if ctx.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         ctx.raw.save_pretrained(tmp, ctx.extra_config, state_dict=model_sd)
-        shutil.copy(ctx.cfg.data.tokenizer_path, os.path.join(tmp, "tokenizer.json"))
+        ctx.tokenizer.tk.save(os.path.join(tmp, "tokenizer.json"))      # tiktoken sources saved converted
         torch.save({"step": step, "epoch": epoch, "optimizer": optim_sd, "nonfinite": ctx.nonfinite,
                     "sampler": ctx.sampler.state_dict(samples_consumed=consumed_in_epoch)},
                    os.path.join(tmp, "trainer_state.pt"))
@@ -306,13 +308,18 @@ def save_checkpoint(ctx, step, consumed_in_epoch, epoch):
     return final
 
 
-def resolve_resume(path):
-    """A step_* dir, or a run dir / its 'latest' file pointing at one."""
+def latest_checkpoint(path):
+    """A step_* dir as given, or the one a run dir's (or its 'latest' file's) pointer names."""
     if os.path.basename(path) == "latest" and os.path.isfile(path):
         path = os.path.dirname(path)
     if os.path.isfile(os.path.join(path, "latest")):
         with open(os.path.join(path, "latest")) as f:
             path = os.path.join(path, f.read().strip())
+    return path
+
+
+def resolve_resume(path):
+    path = latest_checkpoint(path)
     if not os.path.isfile(os.path.join(path, "trainer_state.pt")):
         raise FileNotFoundError(f"--resume {path}: no trainer_state.pt there (expected a step_* checkpoint dir)")
     return path
@@ -332,6 +339,7 @@ class Context:
     world: int
     device: torch.device
     extra_config: dict
+    tokenizer: Tokenizer = None
     stgc: STGC = None
     nonfinite: int = 0
 
@@ -451,7 +459,7 @@ def main(argv=None):
         print(f"config ({config_path or 'defaults'}):\n{json.dumps(asdict(cfg), indent=1)}")
 
     # ---- data --------------------------------------------------------------------------------
-    tokenizer = Tokenizer.from_file(cfg.data.tokenizer_path, cfg.data.tokenizer_family)
+    tokenizer = Tokenizer.load(cfg.data.tokenizer_path, cfg.data.tokenizer_family)
     dataset = LlavaJsonDataset(cfg.data, tokenizer)
     if rank == 0:
         print(dataset.report())
@@ -480,7 +488,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(param_groups(raw, tc), lr=tc.lr, betas=tuple(tc.adam_betas), fused=device.type == "cuda")
     extra = {"data": {k: getattr(cfg.data, k) for k in ("template", "tokenizer_family", "image_processor", "image_size",
                                                          "image_aspect", "max_length")}, "train_config": asdict(cfg)}
-    ctx = Context(cfg, model, raw, optimizer, sampler, rank, world, device, extra,
+    ctx = Context(cfg, model, raw, optimizer, sampler, rank, world, device, extra, tokenizer,
                   STGC(cfg.stgc) if cfg.stgc.enabled and tc.stage in ("moe", "mole") else None)
     step, epoch, consumed = 0, 0, 0
     if state is not None:

@@ -765,3 +765,14 @@ def test_synthetic_eval_files(synthetic):
     assert len(tv) == len(tv_gold) > 0 and all(len(g["answers"]) == 10 and g["answers"][0] in data.WORDS for g in tv_gold)
     for q, g in zip(tv, tv_gold):
         assert q["question_id"] == g["question_id"] and q["text"] == g["question"] + data.SHORT
+
+
+def test_tokenizer_load_from_dir_or_file(tmp_path):
+    from data import Tokenizer, train_bpe_tokenizer
+    tk = train_bpe_tokenizer(["a chat between a user and an assistant", "red blue green"], 300,
+                             ["<|endoftext|>", "<|extra_0|>"])
+    tk.save(str(tmp_path / "tokenizer.json"))
+    a, b = Tokenizer.load(str(tmp_path), "phi"), Tokenizer.load(str(tmp_path / "tokenizer.json"), "phi")
+    assert a.encode("red chat") == b.encode("red chat") and a.eos_id == b.eos_id
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        (tmp_path / "empty").mkdir() or Tokenizer.load(str(tmp_path / "empty"), "phi")

@@ -97,8 +97,8 @@ def test_each_stage_trains_what_the_original_trains(stage):
         assert projector and all(".mlp." in n for n in lm)
         assert "lm.layers.1.mlp.gate_proj.weight" in lm and "lm.layers.0.mlp.router.weight" in lm
         assert "lm.layers.0.mlp.experts.gate_proj.weight" in lm
-    else:                  # MoLE / LoRA: adapters (+ routers) only
-        assert not projector and all("lora_" in n or ".router." in n for n in lm)
+    else:                  # MoLE / LoRA: adapters (+ routers) and, as in LLaVA-1.5's LoRA recipe, the projector
+        assert projector and all("lora_" in n or ".router." in n for n in lm)
         assert any(".router." in n for n in lm) == (stage == "mole")
         assert any(".attn." in n for n in lm) == (stage == "mole")
 
@@ -142,6 +142,7 @@ def test_resume_is_bitwise_identical(synthetic, tmp_path):
                                           "--train.micro_batch_size=2", "--train.global_batch_size=4"]
     run_train(common + [f"--train.out_dir={tmp_path}/full", "--train.save_every=3"])   # writes step 3 and step 6
     run_train(common + [f"--train.out_dir={tmp_path}/resumed", "--resume", f"{tmp_path}/full/step_000003"])
+    assert sorted(os.listdir(f"{tmp_path}/full")) == ["latest", "log.jsonl", "step_000003", "step_000006"]
     full, resumed = weights(f"{tmp_path}/full"), weights(f"{tmp_path}/resumed")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert log_of(f"{tmp_path}/full")[3:] == [{**r, "step_time": a["step_time"], "tokens_per_s": a["tokens_per_s"]}
@@ -161,3 +162,11 @@ def test_stgc_reference_trains_and_export_round_trips(synthetic, tmp_path):
     ours, exported = LlavaModel.from_pretrained(ckpt).lm, LanguageModel.from_pretrained(f"{tmp_path}/hf")
     ids = torch.randint(0, 100, (2, 9))
     assert torch.equal(ours(input_ids=ids).logits, exported(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("preset", sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".toml")))
+def test_every_preset_parses(preset):
+    cfg = train.load_config(os.path.join(ROOT, "configs", preset))
+    assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
+    if "stgc" in preset:
+        assert cfg.stgc.enabled and cfg.train.stage == "moe"
