@@ -414,8 +414,10 @@ def train_step(ctx: Context, micro_batches, step, total_steps):
     ctx.nonfinite = 0
     ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)
-    log = {"step": step, "lr": lr, "lm_loss": lm_loss, "aux_loss": float(sums[1]) / (accum * ctx.world),
-           "cel": float(sums[2]) / (accum * ctx.world), "grad_norm": grad_norm, "tokens": int(n_global)}
+    aux, cel = float(sums[1]) / (accum * ctx.world), float(sums[2]) / (accum * ctx.world)
+    cel_weight = ctx.stgc.layer_weight(int(sums[3]) // (accum * ctx.world) or 1) if ctx.stgc is not None else 0.0
+    log = {"step": step, "lr": lr, "loss": lm_loss + cfg.moe.aux_loss_coef * aux + cel_weight * cel, "lm_loss": lm_loss,
+           "aux_loss": aux, "cel": cel, "grad_norm": grad_norm, "tokens": int(n_global)}
     if out.routing:
         log["expert_load"] = [(r.expert_counts.float() / r.expert_counts.sum().clamp_min(1)).tolist() for r in out.routing]
     if ctx.stgc is not None:

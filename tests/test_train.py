@@ -170,3 +170,18 @@ def test_every_preset_parses(preset):
     assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
     if "stgc" in preset:
         assert cfg.stgc.enabled and cfg.train.stage == "moe"
+
+
+def test_non_finite_losses_skip_then_abort(synthetic, tmp_path):
+    from safetensors.torch import save_file
+    run_train(data_overrides(synthetic) + [f"--train.out_dir={tmp_path}/ok", "--train.max_steps=1"])
+    ckpt = os.path.join(f"{tmp_path}/ok", open(f"{tmp_path}/ok/latest").read().strip())
+    sd = load_file(f"{ckpt}/model.safetensors")
+    sd["lm.norm.weight"][0] = float("nan")                           # every loss from here on is NaN
+    save_file(sd, f"{ckpt}/model.safetensors")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", SMOKE, *data_overrides(synthetic),
+           f"--train.out_dir={tmp_path}/nan", "--train.max_steps=20", "--init.source=checkpoint",
+           f"--init.checkpoint={ckpt}", "--train.max_nonfinite=3"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "3 non-finite losses in a row" in res.stderr
+    assert [r.get("skipped_nonfinite") for r in log_of(f"{tmp_path}/nan")] == [1, 2]
