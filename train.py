@@ -146,10 +146,13 @@ def load_config(path=None, overrides=()) -> Config:
         key, eq, raw = item.lstrip("-").partition("=")
         if not eq:
             raise ConfigError(f"override {item!r} is not --section.key=value")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw                                                # a bare string
+        try:                                                           # TOML syntax (true, 1e-3, [1, 2]),
+            value = tomllib.loads(f"v = {raw}")["v"]                   # as in the preset files
+        except tomllib.TOMLDecodeError:
+            try:
+                value = ast.literal_eval(raw)                          # Python spellings (True) too
+            except (ValueError, SyntaxError):
+                value = raw                                            # a bare string
         nested = value
         for part in reversed(key.split(".")):
             nested = {part: nested}

@@ -56,6 +56,9 @@ def test_config_precedence_and_types():
     assert cfg.train.lr == 5e-4 and cfg.moe.layers == [1] and cfg.model.lm.num_layers == 3
     assert cfg.model.lm.num_kv_heads == 4 and cfg.train.global_batch_size == 8     # derived after overrides; TOML
     assert train.load_config(None, ["--train.lr=1"]).train.lr == 1.0                # int accepted for a float
+    for spelling in ("false", "False"):                                              # TOML and Python booleans
+        assert train.load_config(SMOKE, [f"--stgc.enabled={spelling}"]).stgc.enabled is False
+    assert train.load_config(None, ["--init.checkpoint=out/run"]).init.checkpoint == "out/run"   # bare string
 
 
 @pytest.mark.parametrize("override,message", [

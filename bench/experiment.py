@@ -1,0 +1,180 @@
+"""
+The controlled comparison on the synthetic multi-domain dataset: from the demo's stage-II checkpoint,
+train each variant for the same steps on the same data (stage III), then evaluate with eval.py's metric
+code. Per variant and seed: per-domain accuracy, the conflict ratio and gradient consistency over training
+(measured for every routed variant; the CEL only acts where STGC is on), and expert loading per domain.
+
+    .venv/bin/python demo.py                               # once: builds out/demo/stage2
+    .venv/bin/python bench/experiment.py                   # 6 variants x 3 seeds (about 40 min on 2 CPU cores)
+    .venv/bin/python bench/experiment.py --variants moe moe_stgc --seeds 0
+
+Writes <out>/results.json, <out>/table.md (mean ± std over seeds) and, with matplotlib, <out>/accuracy.png,
+<out>/conflicts.png and <out>/loading.png. A finished (variant, seed) is reused on a rerun.
+
+Equal compute here means equal optimizer steps over the same samples in the same order (the seed sets the
+order and the router init). It does not equalise FLOPs: a top-2 MoE step does about twice the FFN work of
+the dense one, and a LoRA step less.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from demo import DOMAINS, domain_scores, evaluate, train_stage  # noqa: E402
+from eval import read_json  # noqa: E402
+
+# Stage-III overrides of configs/demo.toml per variant. "Measure only" runs compute the conflicts with the
+# CEL weight at 0, so every routed variant reports conflicts and none but the STGC ones is pushed by them.
+COMMON = ["--init.source=checkpoint", "--init.checkpoint={base}", "--train.epochs=2", "--train.lr=2e-4",
+          "--train.train_vision_tower=false"]
+MEASURE, CEL = ["--stgc.enabled=true", "--stgc.loss_weight=0.0"], ["--stgc.enabled=true"]
+MOLE = ["--train.stage=mole", "--moe.kind=lora", "--moe.top_k=1", "--moe.num_experts=4", "--moe.layers=dense",
+        "--moe.lora_rank=16", "--moe.lora_alpha=16.0"]
+VARIANTS = {
+    "dense": ["--train.stage=finetune", "--stgc.enabled=false"],
+    "moe": ["--train.stage=moe"] + MEASURE,
+    "moe_stgc": ["--train.stage=moe"] + CEL,
+    "mole": MOLE + MEASURE,
+    "mole_stgc": MOLE + CEL,
+    "lora": ["--train.stage=lora", "--moe.lora_rank=16", "--moe.lora_alpha=16.0", "--stgc.enabled=false"],
+}
+
+
+def run_one(variant: str, seed: int, args) -> dict:
+    """Train and evaluate one (variant, seed); cached in <out>/<variant>_s<seed>/summary.json."""
+    name = f"{variant}_s{seed}"
+    summary_path = os.path.join(args.out, name, "summary.json")
+    if os.path.isfile(summary_path):
+        return read_json(summary_path)
+    overrides = [o.format(base=args.base) for o in COMMON + VARIANTS[variant]] + [f"--train.seed={seed}"] + args.extra.split()
+    checkpoint = train_stage(name, overrides, args.out, args.data)
+    benchmarks = evaluate(checkpoint, args.data, os.path.join(args.out, name, "eval"), max_samples=args.max_samples)
+    loading_path = os.path.join(args.out, name, "eval", "analysis", "expert_loading.json")
+    summary = {"variant": variant, "seed": seed, "scores": domain_scores(benchmarks),
+               "stgc": conflict_curve(os.path.join(args.out, name, "log.jsonl")),
+               "loading": read_json(loading_path) if os.path.isfile(loading_path) else {}}
+    with open(summary_path, "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def conflict_curve(log_path: str) -> dict:
+    """Per logged step: conflict ratio and mean cosine to the expert mean, averaged over MoE layers."""
+    steps, ratio, cos = [], [], []
+    for line in open(log_path):
+        row = json.loads(line)
+        if row.get("stgc"):
+            steps.append(row["step"])
+            ratio.append(statistics.fmean(layer["conflict_ratio"] for layer in row["stgc"]))
+            cos.append(statistics.fmean(layer["mean_cos"] for layer in row["stgc"]))
+    return {"step": steps, "conflict_ratio": ratio, "mean_cos": cos}
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table(runs: dict) -> str:
+    """Markdown: per-domain accuracy mean ± std over seeds, and the conflict ratio late in training."""
+    head = "| variant | " + " | ".join(DOMAINS) + " | mean | conflict ratio (last 25% of steps) |"
+    lines = [head, "|" + "---|" * (len(DOMAINS) + 3)]
+    for variant, summaries in runs.items():
+        cells = []
+        for d in DOMAINS:
+            m, s = mean_std([x["scores"][d] for x in summaries])
+            cells.append("-" if m is None else f"{m:.1f} ± {s:.1f}")
+        means = [statistics.fmean(v for v in x["scores"].values() if v is not None) for x in summaries]
+        m, s = mean_std(means)
+        late = [statistics.fmean(c[len(c) * 3 // 4:]) for c in (x["stgc"]["conflict_ratio"] for x in summaries) if c]
+        cm, cs = mean_std(late)
+        conflict = "-" if cm is None else f"{cm:.1%} ± {cs:.1%}"
+        lines.append(f"| {variant} (n={len(summaries)}) | " + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} | {conflict} |")
+    return "\n".join(lines)
+
+
+def plots(runs: dict, out: str):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("experiment: matplotlib not installed, no plots (pip install matplotlib)")
+        return
+    # 1. per-domain accuracy, mean ± std over seeds
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    width = 0.8 / len(runs)
+    for i, (variant, summaries) in enumerate(runs.items()):
+        stats = [mean_std([x["scores"][d] for x in summaries]) for d in DOMAINS]
+        xs = [j + i * width for j in range(len(DOMAINS))]
+        ax.bar(xs, [m or 0 for m, _ in stats], width, yerr=[s or 0 for _, s in stats], label=variant, capsize=2)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(DOMAINS))], DOMAINS)
+    ax.set_ylabel("accuracy % (POPE: F1)")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy.png"), dpi=120)
+    plt.close(fig)
+    # 2. conflict ratio and consistency over training, mean over seeds
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    for variant, summaries in runs.items():
+        curves = [x["stgc"] for x in summaries if x["stgc"]["step"]]
+        if not curves:
+            continue
+        n = min(len(c["step"]) for c in curves)
+        for ax, key in zip(axes, ("conflict_ratio", "mean_cos")):
+            ax.plot(curves[0]["step"][:n], [statistics.fmean(c[key][i] for c in curves) for i in range(n)], label=variant)
+    axes[0].set_title("conflicting (token, expert) pairs", fontsize=9)
+    axes[1].set_title("gradient consistency: mean cos(g_token, g_expert mean)", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("stage-III step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "conflicts.png"), dpi=120)
+    plt.close(fig)
+    # 3. expert loading per domain (benchmark), seed 0 of each routed variant, averaged over MoE layers
+    routed = {v: s[0]["loading"] for v, s in runs.items() if s and s[0]["loading"] and s[0]["loading"].get(
+        next(iter(s[0]["loading"]), ""), {}).get("num_experts", 1) > 1}
+    if routed:
+        fig, axes = plt.subplots(1, len(routed), figsize=(3.6 * len(routed), 2.6), squeeze=False)
+        for ax, (variant, loading) in zip(axes[0], routed.items()):
+            names = list(loading)
+            grid = [[statistics.fmean(layer[e] for layer in loading[b]["all"]["total"]) for e in range(loading[b]["num_experts"])]
+                    for b in names]
+            im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            ax.set_xticks(range(len(grid[0])), [f"e{e}" for e in range(len(grid[0]))], fontsize=7)
+            ax.set_title(variant, fontsize=9)
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of tokens")
+        fig.savefig(os.path.join(out, "loading.png"), dpi=120)
+        plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--base", default="out/demo/stage2", help="the stage-II checkpoint every variant starts from")
+    p.add_argument("--data", default="out/synthetic")
+    p.add_argument("--out", default="out/experiment")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--max-samples", type=int, default=600, help="per benchmark (POPE has 2,000 questions)")
+    p.add_argument("--extra", default="", help="more overrides for every run, one string: '--train.epochs=3 ...'")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    runs = {v: [run_one(v, s, args) for s in args.seeds] for v in args.variants}
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(runs, f, indent=1)
+    text = table(runs)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    plots(runs, args.out)
+    print(f"experiment: {args.out}/results.json, table.md, *.png")
+    return runs
+
+
+if __name__ == "__main__":
+    main()

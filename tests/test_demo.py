@@ -1,0 +1,72 @@
+"""The demo (README command 1) and the experiment script, end to end on a few samples: a broken stage,
+config key or metric hook fails here instead of on a user's first run."""
+import json
+import os
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import demo  # noqa: E402
+import experiment  # noqa: E402
+
+QUICK = "--train.max_steps=2 --train.global_batch_size=4 --train.micro_batch_size=2 --train.log_every=1"
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    report = demo.main(["--quick", "--out", str(root / "demo"), "--data", str(root / "syn")])
+    return root, report
+
+
+def test_demo_runs_every_stage_and_evaluates(quick_demo):
+    root, report = quick_demo
+    stages = report["checkpoints"]
+    assert list(stages) == ["stage1", "stage2", "stage3"]
+    configs = {name: json.load(open(os.path.join(path, "config.json"))) for name, path in stages.items()}
+    assert configs["stage1"]["train_config"]["data"]["template"] == "plain"          # captions
+    assert configs["stage2"]["llava"]["lm"]["moe"] is None                             # dense
+    moe = configs["stage3"]["llava"]["lm"]["moe"]
+    assert moe["num_experts"] == 4 and moe["top_k"] == 2                              # upcycled
+    assert configs["stage3"]["train_config"]["stgc"]["enabled"]
+    # stage III started from stage II: the attention weights it froze are stage II's, bit for bit
+    w2, w3 = load_file(os.path.join(stages["stage2"], "model.safetensors")), load_file(os.path.join(stages["stage3"], "model.safetensors"))
+    key = "lm.layers.0.attn.q_proj.weight"
+    assert key in w2 and (w2[key] == w3[key]).all()
+    # both checkpoints went through eval.py's metric code on every synthetic benchmark
+    for name in ("eval_stage2", "eval_stage3"):
+        results = json.load(open(root / "demo" / name / "results.json"))["benchmarks"]
+        assert set(results) == {"gqa", "scienceqa", "textvqa", "pope"}
+        assert all(r["n"] > 0 for r in results.values())
+    assert (root / "demo" / "eval_stage3" / "analysis" / "expert_loading.json").is_file()
+    for scores in report["scores"].values():
+        assert set(scores) == set(demo.DOMAINS)
+        assert all(v is None or 0 <= v <= 100 for v in scores.values())
+    assert report["stgc"] and 0 <= report["stgc"]["conflict_ratio_last"] <= 1
+    assert json.load(open(root / "demo" / "results.json"))["scores"] == report["scores"]
+
+
+def test_experiment_variants_measure_conflicts(quick_demo, capsys):
+    root, report = quick_demo
+    out = root / "exp"
+    argv = ["--base", report["checkpoints"]["stage2"], "--data", str(root / "syn"), "--out", str(out),
+            "--variants", "dense", "moe", "moe_stgc", "--seeds", "0", "--max-samples", "4", f"--extra={QUICK}"]
+    runs = experiment.main(argv)
+    assert set(runs) == {"dense", "moe", "moe_stgc"}
+    assert runs["dense"][0]["stgc"]["step"] == []                      # no router, nothing measured
+    for variant in ("moe", "moe_stgc"):                                # measured on both, CEL only on one
+        curve = runs[variant][0]["stgc"]
+        assert len(curve["step"]) == 2 and all(0 <= r <= 1 for r in curve["conflict_ratio"])
+        assert runs[variant][0]["loading"]                             # expert loading per benchmark
+    logs = {v: [json.loads(line) for line in open(out / f"{v}_s0" / "log.jsonl")] for v in ("moe", "moe_stgc")}
+    assert all(row["cel"] > 0 or row["stgc"][0]["pairs"] == 0 for row in logs["moe_stgc"])
+    train_cfg = lambda v: json.load(open(out / f"{v}_s0" / "step_000002" / "config.json"))["train_config"]  # noqa: E731
+    assert train_cfg("moe")["stgc"]["loss_weight"] == 0.0 and train_cfg("moe_stgc")["stgc"]["loss_weight"] > 0
+    table = (out / "table.md").read_text()
+    assert table.count("\n") == 2 + 3 and "moe_stgc (n=1)" in table
+    # a rerun reuses the finished runs instead of training again
+    capsys.readouterr()
+    experiment.main(argv)
+    assert "stage moe" not in capsys.readouterr().out
