@@ -35,6 +35,7 @@ summed, as MoE-LLaVA sums its aux loss with 0.01; the expert mean per micro-batc
 zero gradient (e.g. after the last supervised token) are never conflicts; per-token gradients ignore LoRA
 dropout (the functional expert has none). In 'full' mode the fast path recomputes each expert's forward once.
 """
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -237,7 +238,11 @@ class STGC:
         for i, r in enumerate(routing):
             pending = {}
 
-            def on_output_grad(delta, r=r, i=i, pending=pending):
+            # The hook lives on r.output, so a strong reference to r from it would be a cycle through
+            # autograd that Python's GC cannot see: every step's graph would leak (~8 MB a step at the
+            # demo's size). The caller keeps the routing records alive through the backward.
+            def on_output_grad(delta, record=weakref.ref(r), i=i, pending=pending):
+                r = record()
                 c = find_conflicts(r, delta.reshape(-1, delta.shape[-1]), self.cfg)
                 logits = r.router_logits.detach()
                 c.cel = conflict_elimination_loss(logits, c)

@@ -18,7 +18,9 @@ the dense one, and a LoRA step less.
 import argparse
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -48,6 +50,7 @@ def run_one(variant: str, seed: int, args) -> dict:
     summary_path = os.path.join(args.out, name, "summary.json")
     if os.path.isfile(summary_path):
         return read_json(summary_path)
+    shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)   # a run cut short: start it afresh
     overrides = [o.format(base=args.base) for o in COMMON + VARIANTS[variant]] + [f"--train.seed={seed}"] + args.extra.split()
     checkpoint = train_stage(name, overrides, args.out, args.data)
     benchmarks = evaluate(checkpoint, args.data, os.path.join(args.out, name, "eval"), max_samples=args.max_samples)
@@ -161,9 +164,21 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--max-samples", type=int, default=600, help="per benchmark (POPE has 2,000 questions)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--extra", default="", help="more overrides for every run, one string: '--train.epochs=3 ...'")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.worker:                                                   # one (variant, seed), then exit
+        return run_one(args.variants[0], args.seeds[0], args)
+    # Each run in its own process: a fresh interpreter per run keeps memory flat over 18 runs and makes a
+    # run's timing independent of the ones before it.
+    for v in args.variants:
+        for seed in args.seeds:
+            if not os.path.isfile(os.path.join(args.out, f"{v}_s{seed}", "summary.json")):
+                worker = [sys.executable, os.path.abspath(__file__), "--worker", "--variants", v, "--seeds", str(seed),
+                          "--base", args.base, "--data", args.data, "--out", args.out,
+                          "--max-samples", str(args.max_samples), f"--extra={args.extra}"]
+                subprocess.run(worker, check=True)
     runs = {v: [run_one(v, s, args) for s in args.seeds] for v in args.variants}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(runs, f, indent=1)

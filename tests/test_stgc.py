@@ -139,6 +139,22 @@ def test_beta_zero_gives_plain_moe_gradients_exactly():
     assert len(conflicts) == 2
 
 
+
+@pytest.mark.parametrize("kind", ["ffn", "lora"])
+def test_fast_hooks_free_the_step_graph(kind):
+    """The hooks sit on the MoE outputs; if they held their routing record strongly, each step's graph would
+    be a reference cycle through autograd that GC cannot break, and training would leak every step."""
+    import weakref
+    lm, b = tiny_moe_lm(kind, top_k=2 if kind == "ffn" else 1, moe_layers=(0, 1)), batch()
+    out = lm(**b)
+    stgc = STGC(STGCConfig(enabled=True))
+    stgc.attach(out.routing)
+    (out.loss + ALPHA * out.aux_loss).backward()
+    assert len(stgc.stats(4)) == 2
+    outputs = [weakref.ref(r.output) for r in out.routing]
+    del out
+    assert all(ref() is None for ref in outputs)                       # freed by reference counting alone
+
 # ---------------------------------------------------------------------------------------------
 # A hand-made batch: 4 tokens to expert 0 (first choice), known gradients
 
