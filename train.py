@@ -530,8 +530,10 @@ def main(argv=None):
             consumed += accum * tc.micro_batch_size
             step += 1
             dt = time.perf_counter() - t0
-            n_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro) * world
             n_images = sum(len(mb["images"]) for mb in micro) * world
+            # positions the LM processes: each <image> placeholder becomes the tower's P feature positions
+            n_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro) * world
+            n_tokens += n_images * (raw.cfg.vision.num_features - 1)
             log |= {"epoch": epoch, "step_time": dt, "tokens_per_s": n_tokens / dt}
             if peak:
                 log["mfu"] = flops_per_step(raw, n_tokens, n_images) / dt / (peak * world)
