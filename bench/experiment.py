@@ -5,7 +5,7 @@ code. Per variant and seed: per-domain accuracy, the conflict ratio and gradient
 (measured for every routed variant; the CEL only acts where STGC is on), and expert loading per domain.
 
     .venv/bin/python demo.py                               # once: builds out/demo/stage2
-    .venv/bin/python bench/experiment.py                   # 6 variants x 3 seeds (about 40 min on 2 CPU cores)
+    .venv/bin/python bench/experiment.py                   # 7 variants x 3 seeds (about 45 min on 2 CPU cores)
     .venv/bin/python bench/experiment.py --variants moe moe_stgc --seeds 0
 
 Writes <out>/results.json, <out>/table.md (mean ± std over seeds) and, with matplotlib, <out>/accuracy.png,
@@ -38,6 +38,7 @@ VARIANTS = {
     "dense": ["--train.stage=finetune", "--stgc.enabled=false"],
     "moe": ["--train.stage=moe"] + MEASURE,
     "moe_stgc": ["--train.stage=moe"] + CEL,
+    "moe_stgc_b0.5": ["--train.stage=moe", "--stgc.enabled=true", "--stgc.loss_weight=0.5"],   # 50x the default beta
     "mole": MOLE + MEASURE,
     "mole_stgc": MOLE + CEL,
     "lora": ["--train.stage=lora", "--moe.lora_rank=16", "--moe.lora_alpha=16.0", "--stgc.enabled=false"],
@@ -82,10 +83,18 @@ def mean_std(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def busiest_share(loading: dict):
+    """Share of the tokens taken by the busiest expert, averaged over benchmarks and MoE layers (1/E when
+    balanced): how unevenly the router spreads the evaluation tokens."""
+    shares = [max(layer) for b in loading.values() for layer in b["all"]["total"] if b["num_experts"] > 1]
+    return statistics.fmean(shares) if shares else None
+
+
 def table(runs: dict) -> str:
-    """Markdown: per-domain accuracy mean ± std over seeds, and the conflict ratio late in training."""
-    head = "| variant | " + " | ".join(DOMAINS) + " | mean | conflict ratio (last 25% of steps) |"
-    lines = [head, "|" + "---|" * (len(DOMAINS) + 3)]
+    """Markdown: per-domain accuracy mean ± std over seeds, the conflict ratio late in training, and the
+    busiest expert's share of the evaluation tokens."""
+    head = ("| variant | " + " | ".join(DOMAINS) + " | mean | conflict ratio (last 25% of steps) | busiest expert's share |")
+    lines = [head, "|" + "---|" * (len(DOMAINS) + 4)]
     for variant, summaries in runs.items():
         cells = []
         for d in DOMAINS:
@@ -96,7 +105,9 @@ def table(runs: dict) -> str:
         late = [statistics.fmean(c[len(c) * 3 // 4:]) for c in (x["stgc"]["conflict_ratio"] for x in summaries) if c]
         cm, cs = mean_std(late)
         conflict = "-" if cm is None else f"{cm:.1%} ± {cs:.1%}"
-        lines.append(f"| {variant} (n={len(summaries)}) | " + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} | {conflict} |")
+        bm, bs = mean_std([busiest_share(x["loading"]) for x in summaries])
+        busiest = "-" if bm is None else f"{bm:.3f} ± {bs:.3f}"
+        lines.append(f"| {variant} (n={len(summaries)}) | " + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} | {conflict} | {busiest} |")
     return "\n".join(lines)
 
 
@@ -142,13 +153,16 @@ def plots(runs: dict, out: str):
     routed = {v: s[0]["loading"] for v, s in runs.items() if s and s[0]["loading"] and s[0]["loading"].get(
         next(iter(s[0]["loading"]), ""), {}).get("num_experts", 1) > 1}
     if routed:
-        fig, axes = plt.subplots(1, len(routed), figsize=(3.6 * len(routed), 2.6), squeeze=False)
-        for ax, (variant, loading) in zip(axes[0], routed.items()):
+        fig, axes = plt.subplots(1, len(routed), figsize=(3.2 * len(routed), 2.6), squeeze=False)
+        for k, (ax, (variant, loading)) in enumerate(zip(axes[0], routed.items())):
             names = list(loading)
             grid = [[statistics.fmean(layer[e] for layer in loading[b]["all"]["total"]) for e in range(loading[b]["num_experts"])]
                     for b in names]
-            im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
-            ax.set_yticks(range(len(names)), names, fontsize=7)
+            im = ax.imshow(grid, vmin=0, vmax=0.5, cmap="viridis")
+            for i, row in enumerate(grid):
+                for j, v in enumerate(row):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.3 else "k")
+            ax.set_yticks(range(len(names)), names if k == 0 else [], fontsize=7)
             ax.set_xticks(range(len(grid[0])), [f"e{e}" for e in range(len(grid[0]))], fontsize=7)
             ax.set_title(variant, fontsize=9)
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of tokens")
