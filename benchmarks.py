@@ -154,10 +154,13 @@ def _image_question(rec, path, n, text_key="text", image_key="image"):
     return Question(rec["question_id"], prompt=text, user=f"{IMAGE}\n{text}", image=rec[image_key])
 
 
-def load_llava_jsonl(path):
+def load_llava_jsonl(path, image_root=""):
     """LLaVA-1.5's eval.zip question files: JSON lines {question_id, image, text[, category]}; the prompt
-    suffix is already in `text` (§5.1)."""
-    return [_image_question(rec, path, n) for n, rec in enumerate(read_jsonl(path), 1)]
+    suffix is already in `text` (§5.1). Relative image paths are joined to image_root."""
+    questions = [_image_question(rec, path, n) for n, rec in enumerate(read_jsonl(path), 1)]
+    for q in questions:
+        q.image = _join(image_root, q.image)
+    return questions
 
 
 def _join(root, rel):
@@ -430,9 +433,7 @@ def _answered(answers, questions):
 # VQAv2 (test-dev submission; local accuracy given annotations) and VizWiz
 
 def load_vqav2(qfile, data, ann, image_root):
-    questions = load_llava_jsonl(qfile)
-    for q in questions:
-        q.image = _join(image_root, q.image)
+    questions = load_llava_jsonl(qfile, image_root)
     full = os.path.join(os.path.dirname(qfile), "llava_vqav2_mscoco_test2015.jsonl")   # the upload covers all test
     test_split = [need(r, ["question_id"], full, f"line {n}")["question_id"]
                   for n, r in enumerate(read_jsonl(full), 1)] if os.path.isfile(full) else None
@@ -476,7 +477,7 @@ def _vqa_local(pairs):
 
 def load_vizwiz(qfile, data, ann, image_root):
     questions = load_llava_jsonl(qfile)
-    images = [q.image for q in questions]
+    images = [q.image for q in questions]                # the submission names images as the file does
     for q in questions:
         q.image = _join(image_root, q.image)
     gold = {"images": images, "annotations": None}
@@ -511,9 +512,7 @@ def score_vizwiz(answers, questions, gold, out_dir, model_id):
 # GQA
 
 def load_gqa(qfile, data, ann, image_root):
-    questions = load_llava_jsonl(qfile)
-    for q in questions:
-        q.image = _join(image_root, q.image)
+    questions = load_llava_jsonl(qfile, image_root)
     ann = ann or os.path.join(data, "gqa", "testdev_balanced_questions.json")
     gold = read_json(ann)
     if not isinstance(gold, dict):
@@ -604,9 +603,7 @@ def score_scienceqa(answers, questions, gold, out_dir, model_id):
 # TextVQA
 
 def load_textvqa(qfile, data, ann, image_root):
-    questions = load_llava_jsonl(qfile)
-    for q in questions:
-        q.image = _join(image_root, q.image)
+    questions = load_llava_jsonl(qfile, image_root)
     ann = ann or os.path.join(data, "textvqa", "TextVQA_0.5.1_val.json")
     recs = read_json(ann)
     if not isinstance(recs, dict) or not isinstance(recs.get("data"), list):
@@ -649,11 +646,9 @@ POPE_CATEGORIES = ("adversarial", "popular", "random")
 
 
 def load_pope(qfile, data, ann, image_root):
-    questions = load_llava_jsonl(qfile)
-    cats = []
-    for q, rec in zip(questions, read_jsonl(qfile)):
-        q.image = _join(image_root, q.image)
-        cats.append(need(rec, ["category"], qfile, f"question {q.question_id}")["category"])
+    questions = load_llava_jsonl(qfile, image_root)
+    cats = [need(rec, ["category"], qfile, f"question {q.question_id}")["category"]
+            for q, rec in zip(questions, read_jsonl(qfile))]
     labels = {}
     root = ann or os.path.dirname(qfile)
     for cat in sorted(set(cats)):
@@ -744,10 +739,9 @@ def mme_key(question_id: str, prompt: str, gt: dict):
 
 
 def load_mme(qfile, data, ann, image_root):
-    questions = load_llava_jsonl(qfile)
+    questions = load_llava_jsonl(qfile, image_root)
     gt = read_mme_gt(ann or os.path.join(os.path.dirname(qfile), "MME_Benchmark_release_version"))
     for q in questions:
-        q.image = _join(image_root, q.image)
         if mme_key(str(q.question_id), q.prompt, gt) not in gt:
             raise DataFileError(f"MME question {q.question_id!r} ({q.prompt[:60]!r}) has no ground truth")
     return questions, gt
@@ -903,10 +897,7 @@ def score_llavabench(answers, questions, gold, out_dir, model_id):
 
 
 def load_with_images(qfile, data, ann, image_root):
-    questions = load_llava_jsonl(qfile)
-    for q in questions:
-        q.image = _join(image_root, q.image)
-    return questions, None
+    return load_llava_jsonl(qfile, image_root), None
 
 
 def load_chartqa(qfile, data, ann, image_root):

@@ -23,6 +23,7 @@ Outputs: <out>/stage{1,2,3}/ (checkpoints, log.jsonl), <out>/eval_*/ (answers, r
 import argparse
 import json
 import os
+import statistics
 import time
 
 import train
@@ -66,12 +67,10 @@ def train_stage(name: str, overrides: list[str], out: str, data_dir: str, extra=
 
 
 def evaluate(checkpoint: str, data_dir: str, out: str, max_samples: int = 0) -> dict:
-    """eval.py on the synthetic benchmark files; returns results.json's "benchmarks"."""
+    """eval.py on the synthetic benchmark files; returns {benchmark: metrics}."""
     cfg = EvalConfig(checkpoint=checkpoint, benchmark="all", data=os.path.join(data_dir, "eval"), out=out,
                      batch_size=64, max_samples=max_samples, model_id=os.path.basename(out), device="cpu")
-    run_eval(cfg, rank=0, world=1)
-    with open(os.path.join(out, "results.json")) as f:
-        return json.load(f)["benchmarks"]
+    return run_eval(cfg, rank=0, world=1)
 
 
 def domain_scores(benchmarks: dict) -> dict:
@@ -89,16 +88,26 @@ def domain_scores(benchmarks: dict) -> dict:
     return out
 
 
+def conflict_curve(log_path: str) -> dict:
+    """Per logged step of a run that measured conflicts: the conflict ratio and the expert consistency (mean
+    cosine of a token's gradient to its expert's mean), averaged over the MoE layers."""
+    steps, ratio, cos = [], [], []
+    for line in open(log_path):
+        row = json.loads(line)
+        if row.get("stgc"):
+            steps.append(row["step"])
+            ratio.append(statistics.fmean(layer["conflict_ratio"] for layer in row["stgc"]))
+            cos.append(statistics.fmean(layer["mean_cos"] for layer in row["stgc"]))
+    return {"step": steps, "conflict_ratio": ratio, "mean_cos": cos}
+
+
 def stgc_summary(log_path: str) -> dict:
-    """Conflict ratio and expert consistency (mean cosine of a token's gradient to its expert's mean) at the
-    first and last logged steps of a run with STGC, averaged over the MoE layers."""
-    rows = [json.loads(line) for line in open(log_path) if '"stgc"' in line]
-    rows = [r for r in rows if r.get("stgc")]
-    if not rows:
+    """The conflict curve's first and last logged steps."""
+    c = conflict_curve(log_path)
+    if not c["step"]:
         return {}
-    mean = lambda r, key: sum(layer[key] for layer in r["stgc"]) / len(r["stgc"])   # noqa: E731
-    return {"conflict_ratio_first": mean(rows[0], "conflict_ratio"), "conflict_ratio_last": mean(rows[-1], "conflict_ratio"),
-            "mean_cos_first": mean(rows[0], "mean_cos"), "mean_cos_last": mean(rows[-1], "mean_cos")}
+    return {"conflict_ratio_first": c["conflict_ratio"][0], "conflict_ratio_last": c["conflict_ratio"][-1],
+            "mean_cos_first": c["mean_cos"][0], "mean_cos_last": c["mean_cos"][-1]}
 
 
 def format_table(rows: dict) -> str:

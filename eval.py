@@ -157,16 +157,19 @@ def stop_ids(tok: Tokenizer, template) -> list[int]:
 # 2. Benchmarks: questions, images, prompts
 
 
-def image_root(cfg: EvalConfig, bench, qfile: str) -> str:
-    """--image-folder; else the synthetic dataset's image folder (its meta.json sits next to the eval dir, and
-    its eval files name images relative to it); else the benchmark's official image dir."""
-    if cfg.image_folder:
-        return cfg.image_folder
-    parent = os.path.dirname(os.path.abspath(cfg.data))
+def synthetic_image_folder(path: str) -> str | None:
+    """The image folder of the synthetic dataset `path` (its eval dir or one of its JSON files) sits in: the
+    dataset's meta.json, next to both, names it; its files give image paths relative to it."""
+    parent = os.path.dirname(os.path.abspath(path))
     meta = os.path.join(parent, "meta.json")
-    if os.path.isfile(meta) and read_json(meta).get("image_folder"):
-        return os.path.join(parent, read_json(meta)["image_folder"])
-    return os.path.join(cfg.data, bench.image_dir) if bench.image_dir else os.path.dirname(qfile)
+    folder = read_json(meta).get("image_folder") if os.path.isfile(meta) else None
+    return os.path.join(parent, folder) if folder else None
+
+
+def image_root(cfg: EvalConfig, bench, qfile: str) -> str:
+    """--image-folder; else the synthetic dataset's image folder; else the benchmark's official image dir."""
+    official = os.path.join(cfg.data, bench.image_dir) if bench.image_dir else os.path.dirname(qfile)
+    return cfg.image_folder or synthetic_image_folder(cfg.data) or official
 
 
 def question_file(cfg: EvalConfig, name: str) -> str:
@@ -450,11 +453,7 @@ def conflict_statistics(model, tok, data_cfg, cfg: EvalConfig, device) -> dict:
     layer the share of (token, expert) pairs whose gradient points against their expert's mean, overall,
     per expert and per token kind. Routing is the evaluation routing (eval capacity, no Gumbel), which is
     where a trained checkpoint's conflicts are of interest; training computes them under training routing."""
-    folder = cfg.image_folder
-    if not folder:
-        parent = os.path.dirname(os.path.abspath(cfg.conflicts))
-        meta = os.path.join(parent, "meta.json")
-        folder = os.path.join(parent, read_json(meta).get("image_folder", "")) if os.path.isfile(meta) else parent
+    folder = cfg.image_folder or synthetic_image_folder(cfg.conflicts) or os.path.dirname(os.path.abspath(cfg.conflicts))
     ds = LlavaJsonDataset(replace(data_cfg, data_path=cfg.conflicts, image_folder=folder), tok)
     layers = moe_layers(model)
     if not layers:

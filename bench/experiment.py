@@ -24,7 +24,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from demo import DOMAINS, domain_scores, evaluate, train_stage  # noqa: E402
+from demo import DOMAINS, conflict_curve, domain_scores, evaluate, train_stage  # noqa: E402
 from eval import read_json  # noqa: E402
 
 # Stage-III overrides of configs/demo.toml per variant. "Measure only" runs compute the conflicts with the
@@ -62,18 +62,6 @@ def run_one(variant: str, seed: int, args) -> dict:
     with open(summary_path, "w") as f:
         json.dump(summary, f, indent=1)
     return summary
-
-
-def conflict_curve(log_path: str) -> dict:
-    """Per logged step: conflict ratio and mean cosine to the expert mean, averaged over MoE layers."""
-    steps, ratio, cos = [], [], []
-    for line in open(log_path):
-        row = json.loads(line)
-        if row.get("stgc"):
-            steps.append(row["step"])
-            ratio.append(statistics.fmean(layer["conflict_ratio"] for layer in row["stgc"]))
-            cos.append(statistics.fmean(layer["mean_cos"] for layer in row["stgc"]))
-    return {"step": steps, "conflict_ratio": ratio, "mean_cos": cos}
 
 
 def mean_std(values):
