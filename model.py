@@ -460,8 +460,11 @@ def attention_mask_4d(attention_mask, past_len, T, sliding_window=0):
 
     attention_mask [B, S]: 1 for real tokens, 0 for padding (left padding in generation, right in
     training). Key j is visible to query i (at cache position past_len + i) when it is a real token,
-    j <= past_len + i, and, with a sliding window, past_len + i - j < window (HF Mistral). Each query
-    also sees itself, so a padding query row is never empty (an all-masked row gives NaN in SDPA).
+    j <= past_len + i, and, with a sliding window, past_len + i - j < window (HF Mistral). That is HF's
+    masking exactly, also for padding queries: a right-padding query sees the real keys before it, not
+    itself. Padding queries matter because their tokens are routed and count toward expert capacity, as in
+    DeepSpeed (README, MoE layers). Only a row that would be empty (a left-padding query in generation) gets
+    its own key, since an all-masked row gives NaN in SDPA; nothing real reads those rows.
     """
     S = past_len + T
     if attention_mask is None and not sliding_window and (past_len == 0 or T == 1):
@@ -475,7 +478,19 @@ def attention_mask_4d(attention_mask, past_len, T, sliding_window=0):
     mask = visible[None, None]                                         # [1, 1, T, S]
     if attention_mask is not None:
         mask = mask & attention_mask[:, None, None, :S].bool()         # [B, 1, T, S]
-    return mask | (rel == 0)[None, None]
+    empty = ~mask.any(dim=-1, keepdim=True)                            # [B, 1, T, 1]
+    return mask | (empty & (rel == 0))
+
+
+def padded_positions(attention_mask):
+    """Position ids [B, S] of a padded batch, as the originals give them. Real tokens count real tokens
+    before them, so a left-padded prompt starts at 0 (HF generate's cumsum - 1); left padding gets 1 (HF
+    generate's fill value); right padding keeps its index, as MoE-LLaVA trains with no position ids (0..T-1).
+    Padding positions are never read by a real token, but their hidden states are routed (capacity)."""
+    real = attention_mask.bool()
+    seen = attention_mask.long().cumsum(-1)                            # real tokens up to and including j
+    index = torch.arange(attention_mask.shape[-1], device=attention_mask.device).expand_as(seen)
+    return torch.where(real, seen - 1, torch.where(seen == 0, torch.ones_like(seen), index))
 
 
 class LanguageModel(nn.Module):
@@ -513,8 +528,7 @@ class LanguageModel(nn.Module):
         B, T, _ = x.shape
         past = kv_cache.length if kv_cache is not None else 0
         if attention_mask is not None:
-            # positions count real tokens only, so left-padded rows start at 0 (as HF generate does)
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]   # [B, T]
+            position_ids = padded_positions(attention_mask)[:, past:past + T]   # [B, T]
         else:
             position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(rope_inv_freq(self.cfg, x.device), position_ids, x.dtype)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 import tiny_hf
 from model import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, KVCache, LanguageModel, LlavaModel, LMConfig,
                    VisionTower, load_checkpoint)
+from moe import MoEConfig
 
 TOL = 1e-4          # max abs difference of fp32 logits / features allowed against the reference
 
@@ -341,3 +342,45 @@ def test_our_format_round_trip_with_moe_and_tied_head(tmp_path):
     assert torch.equal(model(ids, images).logits, loaded(ids, images).logits)
     assert loaded.lm.lm_head.weight is loaded.lm.embed_tokens.weight
     assert loaded.cfg == model.cfg and loaded.lm.layers[2].mlp.router.weight.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Padding routes as in MoE-LLaVA: padding tokens are routed and count toward capacity (DeepSpeed)
+
+class RecordingMoE(torch.nn.Module):
+    """Our MoE layer inside a transformers model (in place of its MLP): returns y, keeps the routing record."""
+
+    def __init__(self, moe):
+        super().__init__()
+        self.moe, self.record = moe, None
+
+    def forward(self, x):
+        y, self.record = self.moe(x)
+        return y
+
+
+def test_right_padded_batch_routes_as_the_original(tmp_path):
+    """A right-padded batch at a capacity that drops tokens: transformers' own masking and positions (no position
+    ids, as MoE-LLaVA trains) around our MoE layer, vs our model. Where the padding tokens are routed decides
+    which real tokens are dropped, so the padding rows' router logits must agree too."""
+    cfg = tiny_hf.lm_configs()["stablelm2"]
+    hf = tiny_hf.hf_causal_lm(cfg)
+    path = tiny_hf.save(hf, cfg, str(tmp_path / "m"), "safetensors")
+    ours = LanguageModel.from_pretrained(path)
+    torch.manual_seed(0)
+    ours.install_moe(MoEConfig(num_experts=4, top_k=2, eval_capacity_factor=1.0, layers=[1]))
+    tiny_hf.randomize(ours.layers[1].mlp, seed=3, std=0.3)             # experts that differ, a sharp router
+    ours.eval()
+    hf.model.layers[1].mlp = RecordingMoE(ours.layers[1].mlp)          # the same module, run inside transformers
+    ids = random_ids(3, 16, seed=1)
+    mask = torch.ones_like(ids)
+    mask[0, 5:], mask[1, 11:] = 0, 0                                   # right padding, as in training
+    with torch.no_grad():
+        ref_logits = hf(input_ids=ids, attention_mask=mask).logits
+        ref = hf.model.layers[1].mlp.record
+        out = ours(input_ids=ids, attention_mask=mask)
+    rec, real = out.routing[0], mask.bool().reshape(-1)
+    assert (~rec.kept[real]).any(), "the capacity must drop some real assignments for the test to mean anything"
+    assert (rec.router_logits - ref.router_logits).abs().max() < 1e-4     # padding rows included
+    assert torch.equal(rec.kept, ref.kept) and torch.equal(rec.experts, ref.experts)
+    assert (out.logits[mask.bool()] - ref_logits[mask.bool()]).abs().max() < 1e-4
