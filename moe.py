@@ -5,8 +5,9 @@ moe.py: the Mixture-of-Experts layers of MoE-LLaVA and LLaVA-MoLE, and what they
                 §1.6): fp32 bias-free router, softmax, top-k, capacity C = ceil(S/E * cf * k) over all S tokens,
                 first choices queued before second choices, positional dropping, renormalised top-2 weights,
                 aux loss E * sum_e mean_prob_e * frac_top1_e. Experts are upcycled: exact copies of the
-                dense FFN (§1.8). Two dispatch paths that must agree: a per-expert loop (the reference)
-                and a grouped matmul over tokens sorted by expert (the fast path).
+                dense FFN (§1.8). Dispatch paths that must agree: a per-expert loop (the reference), and two
+                fast ones, a grouped matmul over the assignments sorted by expert and a capacity-padded bmm;
+                `dispatch_path` is the one rule that chooses between them for a device and dtype.
   LoRAExperts   LLaVA-MoLE: the dense MLP frozen, E LoRA experts on its projections, one top-1 router per
                 layer shared by the projections. num_experts=1 is the plain-LoRA baseline (no router).
   LoRALinear    plain LoRA on a frozen Linear (optional attention LoRA for MoLE).
@@ -44,7 +45,7 @@ class MoEConfig:
     # only if gumbel_at_eval is also set.
     second_expert: str = "top2"        # 'top2' | 'gumbel'
     gumbel_at_eval: bool = False
-    impl: str = "fast"                 # 'fast' (grouped matmul) | 'loop' (per-expert reference)
+    impl: str = "fast"                 # 'fast': dispatch_path's choice | 'grouped' | 'padded' | 'loop' (reference)
     # LLaVA-MoLE: UNVERIFIED defaults (reference §7.2: no official code; third-party versions disagree).
     lora_rank: int = 32                # UNVERIFIED
     lora_alpha: float = 16.0           # UNVERIFIED
@@ -53,7 +54,7 @@ class MoEConfig:
 
     def __post_init__(self):
         assert self.kind in ("ffn", "lora"), f"unknown MoE kind {self.kind!r}"
-        assert self.second_expert in ("top2", "gumbel") and self.impl in ("fast", "loop")
+        assert self.second_expert in ("top2", "gumbel") and self.impl in ("fast", "grouped", "padded", "loop")
         assert 1 <= self.top_k <= self.num_experts, f"top_k {self.top_k} vs {self.num_experts} experts"
         assert self.kind == "lora" or self.num_experts > 1, "an 'ffn' MoE needs at least 2 experts"
         assert self.kind == "ffn" or self.top_k == 1, "LLaVA-MoLE routes each token to one LoRA expert: set top_k=1"
@@ -146,9 +147,11 @@ def route(logits_SE, cfg: MoEConfig, training: bool, generator=None):
 
 
 def router_logits(router: nn.Linear, x_SD):
-    """fp32 router, autocast off: DeepSpeed casts both input and wg to float32 (reference §1.6 step 1)."""
+    """fp32 router, autocast off: DeepSpeed casts both input and wg to float32 (reference §1.6 step 1). The module
+    itself is called (not its .weight), so FSDP2, which shards the router as its own fp32 unit (train.apply_fsdp),
+    gathers it; its weight is fp32 by construction (routers_to_fp32)."""
     with torch.autocast(device_type=x_SD.device.type, enabled=False):
-        return F.linear(x_SD.float(), router.weight.float())           # [S, E]
+        return router(x_SD.float())                                    # [S, E]
 
 # -----------------------------------------------------------------------------
 # Experts: the dense FFN's wiring over stacked per-expert weights
@@ -170,16 +173,38 @@ class StackedLinear(nn.Module):
         self.bias = None if dense.bias is None else nn.Parameter(dense.bias.detach()[None].repeat(num, 1))
 
 
-def grouped_linear(x_MD, lin: StackedLinear, counts_E, use_grouped_mm=True):
-    """x_MD sorted by expert (counts_E rows each) -> [M, out]: row block e times weight[e]."""
-    if use_grouped_mm:
-        offs = counts_E.cumsum(0).to(torch.int32)                      # no host sync
-        y = torch._grouped_mm(x_MD, lin.weight.transpose(-2, -1), offs=offs)
-    else:   # rows not 16-byte aligned for _grouped_mm: one matmul per expert slice (syncs for the sizes)
-        y = torch.cat([F.linear(xe, lin.weight[e]) for e, xe in enumerate(x_MD.split(counts_E.tolist()))])
-    if lin.bias is not None:
-        y = y + lin.bias.repeat_interleave(counts_E, dim=0, output_size=x_MD.shape[0])
-    return y
+def compute_dtype(x, weight):
+    """The dtype the experts compute in: autocast's when it is on, else the weights'. The fast paths cast their
+    operands explicitly and the result back to the input's dtype (as torchtitan does), because torch._grouped_mm
+    has no autocast kernel: under train.py's bf16 autocast with fp32 master weights it would otherwise run in
+    fp32, which CUDA refuses ("Expected mat_a to be BFloat16 ..."). The loop path's F.linear autocasts by itself."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+def cuda_capability(device):
+    """(major, minor) of a CUDA device; (0, 0) where none can be asked (fake CUDA tensors on a CPU machine)."""
+    try:
+        return torch.cuda.get_device_capability(device)
+    except (RuntimeError, AssertionError):
+        return (0, 0)
+
+
+def dispatch_path(device, dtype, aligned: bool) -> str:
+    """The fast path's one rule (impl='fast'); the measurements behind it are in bench/RESULTS.md (moe_dispatch).
+
+    'grouped'  torch._grouped_mm over the S*K assignments sorted by expert: exactly the real rows, one kernel per
+               projection, no host sync. It needs rows of a multiple of 16 bytes (`aligned`), and on CUDA bf16/fp16
+               operands and sm90+ (H100/H200): on sm80 (A100/A800) recent torch runs it as a loop over the groups
+               with a device-to-host sync (pytorch issue #186620). On CPU it runs fp32 and bf16.
+    'padded'   everything else: the kept assignments scattered into zero-padded [E, C, D] buffers (C the capacity),
+               one bmm per projection. E*C rows = capacity_factor times the real ones (1.5x in training, 2x at
+               evaluation), but any dtype, any width, any GPU, and still no host sync."""
+    if not aligned:
+        return "padded"
+    if device.type == "cuda":
+        return "grouped" if dtype in (torch.bfloat16, torch.float16) and cuda_capability(device) >= (9, 0) else "padded"
+    return "grouped"
 
 
 class MoELayer(nn.Module):
@@ -202,10 +227,27 @@ class MoELayer(nn.Module):
         x_SD = x.reshape(-1, D)
         logits_SE = router_logits(self.router, x_SD)
         experts_SK, w_SK, kept_SK, aux, counts_E = route(logits_SE, self.cfg, self.training)
-        dispatch = self.experts_loop if self.cfg.impl == "loop" else self.experts_grouped
-        out_SKD = dispatch(x_SD, experts_SK)                           # every assignment, dropped ones too
+        path = self.path(x_SD)
+        if path == "loop":
+            out_SKD = self.experts_loop(x_SD, experts_SK)              # every assignment, dropped ones too
+        elif path == "grouped":
+            out_SKD = self.experts_grouped(x_SD, experts_SK)           # every assignment, dropped ones too
+        else:
+            out_SKD = self.experts_padded(x_SD, experts_SK, kept_SK)   # kept assignments; dropped ones are 0
         y = (out_SKD * w_SK.to(out_SKD.dtype)[..., None]).sum(dim=1).view(B, T, D)   # dropped: weight 0
         return y, RoutingRecord(logits_SE, experts_SK, w_SK, kept_SK, aux, counts_E, (B, T), x_SD, y, self)
+
+    def compute_dtype(self, x_SD):
+        return compute_dtype(x_SD, self.experts.fc1.weight if self.kind == "gelu" else self.experts.gate_proj.weight)
+
+    def path(self, x_SD) -> str:
+        """Which dispatch this forward takes: cfg.impl, or for 'fast' the rule of `dispatch_path`."""
+        if self.cfg.impl != "fast":
+            return self.cfg.impl
+        dtype = self.compute_dtype(x_SD)
+        size = torch.empty((), dtype=dtype).element_size()
+        widths = [getattr(self.experts, n).weight.shape[-1] for n in FFN_PROJECTIONS[self.kind]]   # D and F
+        return dispatch_path(x_SD.device, dtype, all(w * size % 16 == 0 for w in widths))
 
     # One expert as a pure function of its parameters (torch.func, STGC): out = expert_apply(expert_params(e), x).
     # The combine weight multiplies the output outside the expert (gate_inside = False).
@@ -229,28 +271,62 @@ class MoELayer(nn.Module):
         return self.expert_apply(self.expert_params(e), x)
 
     def experts_loop(self, x_SD, experts_SK):
-        """Reference: for each expert, gather the tokens that chose it, run it, scatter back."""
+        """Reference: for each expert, gather the tokens that chose it, run it, scatter back (host syncs)."""
         S, K = experts_SK.shape
         out_SKD = x_SD.new_zeros(S, K, x_SD.shape[1])
         for e in range(self.cfg.num_experts):
             tok, slot = (experts_SK == e).nonzero(as_tuple=True)
-            if len(tok):
-                out_SKD = out_SKD.index_put((tok, slot), self.expert(e, x_SD[tok]))
+            if len(tok):                                               # under autocast y is bf16: cast back
+                out_SKD = out_SKD.index_put((tok, slot), self.expert(e, x_SD[tok]).to(x_SD.dtype))
         return out_SKD
 
     def experts_grouped(self, x_SD, experts_SK):
-        """Fast path: sort the S*K assignments by expert (stable), one grouped matmul per projection."""
+        """Fast path 1: sort the S*K assignments by expert (stable), one torch._grouped_mm per projection."""
         S, K = experts_SK.shape
         flat_M = experts_SK.reshape(-1)                                # assignment m = s * K + k
         order_M = flat_M.argsort(stable=True)
         counts_E = torch.bincount(flat_M, minlength=self.cfg.num_experts)
-        x_MD = x_SD[order_M // K]                                      # [M, D], grouped by expert
-        aligned = all(t.stride(-2) * t.element_size() % 16 == 0 and t.shape[-1] * t.element_size() % 16 == 0
-                      for t in [x_MD] + [getattr(self.experts, n).weight for n in FFN_PROJECTIONS[self.kind]])
-        out_MD = ffn_forward(self.kind, self.act, x_MD,
-                             lambda name, h: grouped_linear(h.contiguous(), getattr(self.experts, name), counts_E, aligned))
-        out = torch.empty_like(out_MD).index_copy(0, order_M, out_MD)  # back to assignment order
-        return out.view(S, K, -1)                                      # [S, K, D]
+        offs_E = counts_E.cumsum(0).to(torch.int32)                    # group ends; no host sync
+        dtype = self.compute_dtype(x_SD)
+        x_MD = x_SD.to(dtype)[order_M // K]                            # [M, D], grouped by expert
+
+        def linear(name, h):                                           # h [M, in] -> [M, out]
+            lin = getattr(self.experts, name)
+            y = torch._grouped_mm(h, lin.weight.to(dtype).transpose(-2, -1), offs=offs_E)
+            if lin.bias is not None:
+                y = y + lin.bias.to(dtype).repeat_interleave(counts_E, dim=0, output_size=h.shape[0])
+            return y
+
+        out_MD = ffn_forward(self.kind, self.act, x_MD, linear)
+        out_MD = torch.empty_like(out_MD).index_copy(0, order_M, out_MD)   # back to assignment order
+        return out_MD.view(S, K, -1).to(x_SD.dtype)                    # [S, K, D]
+
+    def experts_padded(self, x_SD, experts_SK, kept_SK):
+        """Fast path 2: each kept assignment gets a slot in its expert's buffer of C = capacity rows, one bmm per
+        projection over [E, C, D]. Dropped assignments are not computed (their combine weight is 0, so the
+        layer's output and every gradient equal the other paths'). No host sync: C depends on S only."""
+        S, K = experts_SK.shape
+        E, D = self.cfg.num_experts, x_SD.shape[1]
+        C = min(capacity(S, self.cfg, self.training), S)               # an expert holds each token at most once
+        kept_M, expert_M = kept_SK.reshape(-1), experts_SK.reshape(-1)   # [M]
+        onehot_ME = F.one_hot(expert_M, E) * kept_M[:, None]
+        slot_M = (onehot_ME.cumsum(0) * onehot_ME).sum(-1) - 1         # rank among the expert's kept assignments
+        row_M = torch.where(kept_M, expert_M * C + slot_M, E * C)      # E*C: one spare row for the dropped
+        token_M = torch.arange(S, device=x_SD.device).repeat_interleave(K)
+        # which token fills each buffer row (S: none, a zero row); only the spare row is written twice
+        token_R = torch.full((E * C + 1,), S, device=x_SD.device).scatter(0, row_M, token_M)[:E * C]
+        dtype = self.compute_dtype(x_SD)
+        x_ext = torch.cat([x_SD.to(dtype), x_SD.new_zeros(1, D, dtype=dtype)])   # [S + 1, D]
+        x_ECD = x_ext[token_R].view(E, C, D)
+
+        def linear(name, h):                                           # h [E, C, in] -> [E, C, out]
+            lin = getattr(self.experts, name)
+            y = torch.bmm(h, lin.weight.to(dtype).transpose(-2, -1))
+            return y if lin.bias is None else y + lin.bias.to(dtype)[:, None, :]
+
+        out_RD = ffn_forward(self.kind, self.act, x_ECD, linear).reshape(E * C, D)
+        out_RD = torch.cat([out_RD, out_RD.new_zeros(1, D)])           # the spare row reads as 0
+        return out_RD[row_M].view(S, K, D).to(x_SD.dtype)              # [S, K, D]
 
 
 def dense_device(module):

@@ -35,6 +35,7 @@ summed, as MoE-LLaVA sums its aux loss with 0.01; the expert mean per micro-batc
 zero gradient (e.g. after the last supervised token) are never conflicts; per-token gradients ignore LoRA
 dropout (the functional expert has none). In 'full' mode the fast path recomputes each expert's forward once.
 """
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -148,7 +149,25 @@ def factorised_full_cos(layer, e, x_ND, u_ND, gate_N, scope):
 
 
 def find_conflicts(record, delta_SD, cfg: STGCConfig, materialise=False) -> LayerConflicts:
-    """Cosines of every pair's gradient to its expert's mean, and the conflict mask (all detached)."""
+    """Cosines of every pair's gradient to its expert's mean, and the conflict mask (all detached). Always in
+    fp32 with autocast off: train.py calls backward inside its autocast region, and on CPU the backward hooks
+    run on that thread with autocast on, on CUDA on autograd's device thread with it off; this makes both the same."""
+    with torch.autocast(device_type=delta_SD.device.type, enabled=False):
+        return _find_conflicts(record, delta_SD, cfg, materialise)
+
+
+def per_token_grad_bytes(record, pairs) -> int:
+    """What the reference 'full' source materialises for one expert: [pairs, P] fp32 per-token gradients."""
+    return 4 * pairs * sum(p.numel() for p in record.module.expert_params(0).values())
+
+
+def _available_bytes(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _find_conflicts(record, delta_SD, cfg: STGCConfig, materialise):
     token, expert, pair, gate, u = assignments(record, delta_SD.detach())
     E = record.router_logits.shape[1]
     cos = torch.zeros(token.shape[0], device=u.device)
@@ -169,6 +188,12 @@ def find_conflicts(record, delta_SD, cfg: STGCConfig, materialise=False) -> Laye
                 continue
             args = (record.module, e, x_SD[token[idx]], u[idx], gate[idx])
             if materialise:                                            # reference: explicit [N, P] gradients
+                need, free = per_token_grad_bytes(record, len(idx)), _available_bytes(u.device)
+                if need > free / 2:                                    # vmap holds about twice that at its peak
+                    raise MemoryError(
+                        f"stgc impl='reference' grad_source='full': layer {record.layer} expert {e} would materialise "
+                        f"{len(idx)} per-token gradients of {need // (4 * len(idx)):,} parameters = {need / 2**30:.1f} GiB "
+                        f"({free / 2**30:.1f} GiB free); use stgc.impl='fast' (same cosines, never materialised)")
                 g = per_token_grads(*args)
                 n = _sum_over_ranks(torch.tensor(float(len(idx)), device=u.device), cfg.mean_scope).clamp_min(1)
                 gbar = _sum_over_ranks(g.sum(0), cfg.mean_scope) / n
@@ -214,7 +239,8 @@ class STGC:
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             out = forward()
-            deltas = torch.autograd.grad(out.loss, [r.output for r in out.routing], allow_unused=True)
+            with torch.autocast(device_type=out.loss.device.type, enabled=False):   # backward outside autocast
+                deltas = torch.autograd.grad(out.loss, [r.output for r in out.routing], allow_unused=True)
             self.conflicts = [find_conflicts(r, torch.zeros_like(r.output) if d is None else d.reshape(-1, d.shape[-1]),
                                              self.cfg, materialise=True) for r, d in zip(out.routing, deltas)]
         return self.conflicts

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from data import DataConfig, LlavaJsonDataset, ModalityLengthGroupedSampler, Tokenizer, collate
 from model import IGNORE_INDEX, LanguageModel, LlavaConfig, LlavaModel, VisionTower, Projector, to_hf_state_dict
-from moe import MoEConfig, is_moe_trainable
+from moe import MoEConfig, MoELayer, is_moe_trainable
 from stgc import STGC, STGCConfig
 
 # -----------------------------------------------------------------------------
@@ -236,14 +236,30 @@ def lr_at(step, total_steps, cfg: TrainConfig):
 
 
 def apply_fsdp(model: LlavaModel, bf16: bool):
-    """FSDP2: the tower as one unit, each decoder block as one, the root last; bf16 params, fp32 reduction."""
+    """FSDP2: the tower as one unit, each decoder block as one, the root last; bf16 params, fp32 reduction.
+    Each MoE router is its own unit with fp32 params: the block's bf16 policy would otherwise hand the router
+    bf16 weights, and MoE-LLaVA's gate is fp32 (moe.router_logits)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     fully_shard(model.vision_tower, mp_policy=mp)
     for block in model.lm.layers:
+        if getattr(block.mlp, "router", None) is not None:
+            fully_shard(block.mlp.router, mp_policy=fp32)
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
+
+
+def describe_compute(model: LlavaModel, device, bf16: bool) -> str:
+    """One line saying how this run computes: autocast dtype, and the MoE dispatch path moe.py will take."""
+    line = f"compute: {device}, " + ("bf16 autocast over fp32 master weights" if bf16 else "fp32")
+    layers = [b.mlp for b in model.lm.layers if isinstance(b.mlp, MoELayer)]
+    if layers:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            path = layers[0].path(torch.empty(0, model.lm.cfg.hidden_size, device=device))
+        line += f"; MoE dispatch: {path} (moe.dispatch_path, impl={layers[0].cfg.impl!r})"
+    return line
 
 
 def flops_per_step(model: LlavaModel, tokens: int, images: int) -> float:
@@ -382,22 +398,25 @@ def train_step(ctx: Context, micro_batches, step, total_steps):
         if hasattr(model, "set_requires_gradient_sync"):              # FSDP2: the same
             model.set_requires_gradient_sync(last)
         batch = {k: mb[k].to(device) for k in ("input_ids", "attention_mask", "labels", "images")}
-        with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            forward = lambda: model(batch["input_ids"], batch["images"], labels=batch["labels"],
-                                    attention_mask=batch["attention_mask"])
-            conflicts = None
-            if ctx.stgc is not None and ctx.stgc.cfg.impl == "reference":
-                conflicts = ctx.stgc.reference_conflicts(forward)     # pass 1 (paper): LM-loss gradients only
-            out = forward()
-            # ---- the objective: every term here -------------------------------------------------
-            lm_term = out.loss * out.num_tokens * ctx.world / n_global   # CE sum / N_global (DDP averages ranks)
-            aux_term = cfg.moe.aux_loss_coef * out.aux_loss / accum      # alpha * sum over MoE layers of aux
-            loss = lm_term + aux_term
-            if conflicts is not None:
-                loss = loss + ctx.stgc.cel(out.routing, conflicts, scale=1 / accum)   # beta * CEL, pass 2
-            elif ctx.stgc is not None and out.routing:
-                ctx.stgc.attach(out.routing, scale=1 / accum)          # beta * CEL gradient, in this backward
-            # -------------------------------------------------------------------------------------
+        with sync:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                forward = lambda: model(batch["input_ids"], batch["images"], labels=batch["labels"],
+                                        attention_mask=batch["attention_mask"])
+                conflicts = None
+                if ctx.stgc is not None and ctx.stgc.cfg.impl == "reference":
+                    conflicts = ctx.stgc.reference_conflicts(forward)     # pass 1 (paper): LM-loss gradients only
+                out = forward()
+                # ---- the objective: every term here -------------------------------------------------
+                lm_term = out.loss * out.num_tokens * ctx.world / n_global   # CE sum / N_global (DDP averages ranks)
+                aux_term = cfg.moe.aux_loss_coef * out.aux_loss / accum      # alpha * sum over MoE layers of aux
+                loss = lm_term + aux_term
+                if conflicts is not None:
+                    loss = loss + ctx.stgc.cel(out.routing, conflicts, scale=1 / accum)   # beta * CEL, pass 2
+                elif ctx.stgc is not None and out.routing:
+                    ctx.stgc.attach(out.routing, scale=1 / accum)          # beta * CEL gradient, in this backward
+                # -------------------------------------------------------------------------------------
+            # outside autocast, as PyTorch's AMP recipe says: each backward op runs in the dtype its forward op
+            # ran in (on CPU and CUDA alike the engine would otherwise see autocast on and recast the router's fp32 grads)
             loss.backward()
         sums += torch.stack([out.loss.detach() * out.num_tokens, out.aux_loss.detach(),
                              torch.tensor(sum(float(c.cel) for c in ctx.stgc.conflicts if c is not None)
@@ -513,6 +532,7 @@ def main(argv=None):
         n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
         print(f"stage {tc.stage}: {n_train / 1e6:.2f}M of {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M "
               f"parameters train; {world} rank(s) x {tc.micro_batch_size} x {accum} accumulation; {total_steps} steps")
+        print(describe_compute(raw, device, bf16=tc.dtype == "bf16" and device.type == "cuda"))
 
     # ---- loop ----------------------------------------------------------------------------------
     os.makedirs(tc.out_dir, exist_ok=True)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import tiny_hf
 from model import GeluMLP, LanguageModel, LlavaModel, LMConfig, SwiGLU, to_hf_state_dict
-from moe import LoRAExperts, MoEConfig, MoELayer, capacity, grouped_linear, is_moe_trainable, route
+from moe import LoRAExperts, MoEConfig, MoELayer, capacity, dispatch_path, is_moe_trainable, route
 
 # ---------------------------------------------------------------------------------------------
 # Gating, by hand
@@ -111,39 +111,82 @@ def test_upcycled_moe_equals_dense_ffn_on_kept_tokens(kind):
     assert y[~any_kept].abs().max() == 0                               # both choices dropped: zero output
 
 
-@pytest.mark.parametrize("kind,dim", [("swiglu", 32), ("gelu", 32), ("swiglu", 30)])   # 30: unaligned fallback
-def test_loop_and_grouped_dispatch_agree(kind, dim):
+def dispatch_pair(kind, dim, impl, capacity_factor=1.0, seed=3):
+    """A fast-path layer and a loop layer with the same (distinct, random) experts and router."""
     torch.manual_seed(0)
     cfg = LMConfig(hidden_size=dim, intermediate_size=44 if dim == 30 else 48, num_heads=2, num_layers=1,
                    vocab_size=10, mlp=kind, act="silu" if kind == "swiglu" else "gelu_new", mlp_bias=kind == "gelu")
     dense = tiny_hf.randomize(SwiGLU(cfg) if kind == "swiglu" else GeluMLP(cfg))
-    fast = MoELayer(MoEConfig(num_experts=4, capacity_factor=1.0, impl="fast"), dense).train()
-    tiny_hf.randomize(fast, seed=3)                                    # distinct experts and router
-    loop = MoELayer(MoEConfig(num_experts=4, capacity_factor=1.0, impl="loop"), dense).train()
+    fast = MoELayer(MoEConfig(num_experts=4, capacity_factor=capacity_factor, impl=impl), dense).train()
+    tiny_hf.randomize(fast, seed=seed)                                 # distinct experts and router
+    loop = MoELayer(MoEConfig(num_experts=4, capacity_factor=capacity_factor, impl="loop"), dense).train()
     loop.load_state_dict(fast.state_dict())
+    return fast, loop
+
+
+def outputs_and_grads(layer, x):
+    xi = x.clone().requires_grad_(True)
+    y, rec = layer(xi)
+    (y.float().pow(2).sum() + rec.aux_loss).backward()
+    return y, [xi.grad] + [p.grad for p in layer.parameters()], rec
+
+
+@pytest.mark.parametrize("kind,dim,impl", [("swiglu", 32, "grouped"), ("gelu", 32, "grouped"), ("swiglu", 32, "padded"),
+                                           ("gelu", 32, "padded"), ("swiglu", 30, "fast")])   # 30: unaligned -> padded
+@pytest.mark.parametrize("capacity_factor", [1.0, 0.5])
+def test_fast_dispatch_paths_equal_the_loop(kind, dim, impl, capacity_factor):
+    fast, loop = dispatch_pair(kind, dim, impl, capacity_factor)
     x = torch.randn(3, 10, dim)
-    outs, grads = [], []
-    for layer in (fast, loop):
-        xi = x.clone().requires_grad_(True)
-        y, rec = layer(xi)
-        (y.pow(2).sum() + rec.aux_loss).backward()
-        outs.append(y)
-        grads.append([xi.grad] + [p.grad for p in layer.parameters()])
+    (y_fast, g_fast, rec), (y_loop, g_loop, _) = outputs_and_grads(fast, x), outputs_and_grads(loop, x)
     assert not rec.kept.all()                                          # some drops, to test them too
-    assert (outs[0] - outs[1]).abs().max() < 1e-5
-    for a, b in zip(*grads):
+    assert (y_fast - y_loop).abs().max() < 1e-5
+    for a, b in zip(g_fast, g_loop):
         assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
 
 
-def test_grouped_linear_skips_empty_experts():
-    from moe import StackedLinear
-    lin = StackedLinear(torch.nn.Linear(16, 8), 3)
-    lin.weight.data = torch.randn(3, 8, 16)
-    x = torch.randn(5, 16)
-    counts = torch.tensor([2, 0, 3])
-    ref = torch.cat([x[:2] @ lin.weight[0].T, x[2:] @ lin.weight[2].T]) + lin.bias[torch.tensor([0, 0, 2, 2, 2])]
-    for aligned in (True, False):
-        assert (grouped_linear(x, lin, counts, aligned) - ref).abs().max() < 1e-5
+@pytest.mark.parametrize("impl", ["grouped", "padded"])
+def test_fast_dispatch_with_an_expert_that_gets_no_token(impl):
+    fast, loop = dispatch_pair("swiglu", 32, impl)
+    with torch.no_grad():
+        for layer in (fast, loop):
+            layer.router.weight[2] = -10.0                             # x > 0: expert 2 never wins
+    x = torch.randn(2, 8, 32).abs()
+    (y_fast, g_fast, rec), (y_loop, g_loop, _) = outputs_and_grads(fast, x), outputs_and_grads(loop, x)
+    assert not (rec.experts == 2).any()
+    assert (y_fast - y_loop).abs().max() < 1e-5
+    for a, b in zip(g_fast, g_loop):
+        assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("impl", ["grouped", "padded"])
+def test_fast_dispatch_under_bf16_autocast_matches_the_loop(impl):
+    """train.py's setting (fp32 master weights, bf16 autocast): the fast paths cast explicitly to bf16 (checked
+    by tests/test_cuda_semantics.py's dispatch spy) and agree with the autocast loop to bf16 rounding."""
+    fast, loop = dispatch_pair("swiglu", 32, impl)
+    x = torch.randn(3, 10, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (y_fast, g_fast, _), (y_loop, g_loop, _) = outputs_and_grads(fast, x), outputs_and_grads(loop, x)
+    assert y_fast.dtype == y_loop.dtype == torch.float32               # cast back to the input's dtype
+    assert (y_fast - y_loop).abs().max() < 2e-2 * y_loop.abs().max()
+    for a, b in zip(g_fast, g_loop):
+        assert a.dtype == b.dtype == torch.float32                     # fp32 master gradients
+        assert (a - b).abs().max() < 3e-2 * max(1e-3, b.abs().max().item())
+
+
+def test_dispatch_rule():
+    """One rule (moe.dispatch_path): _grouped_mm where it is fast and allowed, the capacity-padded bmm elsewhere."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert dispatch_path(cpu, torch.float32, True) == dispatch_path(cpu, torch.bfloat16, True) == "grouped"
+    assert dispatch_path(cpu, torch.float32, False) == "padded"        # rows not 16-byte aligned
+    assert dispatch_path(cuda, torch.float32, True) == "padded"        # CUDA's _grouped_mm refuses fp32
+    import moe
+    for capability, path in (((8, 0), "padded"), ((9, 0), "grouped"), ((10, 0), "grouped")):
+        moe.cuda_capability, saved = (lambda device: capability), moe.cuda_capability
+        try:
+            assert dispatch_path(cuda, torch.bfloat16, True) == path   # sm80: grouped_mm would sync per group
+            assert dispatch_path(cuda, torch.bfloat16, False) == "padded"
+        finally:
+            moe.cuda_capability = saved
 
 # ---------------------------------------------------------------------------------------------
 # The MoE inside the language model

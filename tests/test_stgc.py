@@ -209,3 +209,17 @@ def test_bias_source_is_the_gradient_of_a_real_output_bias():
     per_expert = torch.zeros(4, 64).index_add_(0, expert, u * pair[:, None])
     assert (per_expert - rec.module.experts.fc2.bias.grad).abs().max() < 1e-6
     assert rec.module.experts.fc2.bias.grad.abs().max() > 1e-4
+
+
+def test_reference_full_refuses_per_token_gradients_that_would_not_fit(monkeypatch):
+    """impl='reference', grad_source='full' materialises [pairs, P] gradients (at StableLM-1.6B x 4, micro-batch 8:
+    ~8k pairs x 35M parameters = 1 TiB per expert): it must refuse with the estimate, not run out of memory."""
+    import stgc
+    lm = tiny_moe_lm()
+    b = batch()
+    cfg = STGCConfig(enabled=True, grad_source="full", impl="reference")
+    monkeypatch.setattr(stgc, "_available_bytes", lambda device: 1000)   # as if 1 kB were free
+    with pytest.raises(MemoryError, match=r"per-token gradients of [\d,]+ parameters = .* GiB .*stgc.impl='fast'"):
+        STGC(cfg).reference_conflicts(lambda: lm(**b))
+    monkeypatch.undo()
+    assert STGC(cfg).reference_conflicts(lambda: lm(**b))                 # with the real free memory it runs

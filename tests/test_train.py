@@ -133,7 +133,9 @@ def test_ddp_two_processes_equal_one_process(synthetic, tmp_path):
 
 
 def test_fsdp2_two_processes_equal_one_process(synthetic, tmp_path):
-    common = data_overrides(synthetic) + ["--train.max_steps=2"]
+    # stage III, so the routers' own fp32 FSDP units (train.apply_fsdp) are exercised; one sample per micro-batch
+    # as in the DDP test (capacity and aux depend on which samples share one)
+    common = data_overrides(synthetic) + ["--train.max_steps=2", "--train.stage=moe", "--train.micro_batch_size=1"]
     run_train(common + [f"--train.out_dir={tmp_path}/one"])
     run_train(common + [f"--train.out_dir={tmp_path}/fsdp", "--train.parallel=fsdp"], nproc=2)
     one, fsdp = weights(f"{tmp_path}/one"), weights(f"{tmp_path}/fsdp")
