@@ -240,6 +240,25 @@ def test_mole_starts_as_the_base_model_and_trains_only_adapters_and_routers():
     assert lm.layers[0].mlp.router.weight.grad.abs().sum() > 0
 
 
+def test_lora_experts_forward_equals_each_tokens_own_expert():
+    """The batched MoLE forward against its per-expert definition (expert_apply, the function STGC differentiates):
+    token n through the frozen MLP plus its chosen expert's deltas scaled by its gate probability."""
+    cfg = LMConfig(hidden_size=32, intermediate_size=48, num_heads=2, num_layers=1, vocab_size=10)
+    torch.manual_seed(0)
+    layer = LoRAExperts(MoEConfig(kind="lora", num_experts=3, top_k=1, lora_rank=4, lora_dropout=0.0),
+                        tiny_hf.randomize(SwiGLU(cfg))).eval()
+    with torch.no_grad():
+        for p in list(layer.lora_B.values()) + list(layer.lora_A.values()):
+            p.normal_()                                                # B != 0: the experts differ
+    x = torch.randn(2, 5, 32)
+    y, rec = layer(x)
+    x_SD, expert_S, gate_S = x.reshape(-1, 32), rec.experts[:, 0], rec.weights[:, 0]
+    assert len(set(expert_S.tolist())) > 1
+    ref = torch.cat([layer.expert_apply(layer.expert_params(int(e)), x_SD[n:n + 1], gate_S[n:n + 1])
+                     for n, e in enumerate(expert_S)])
+    assert (y.reshape(-1, 32) - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
 def test_plain_lora_baseline_has_no_router():
     _, dense_logits, lm = moe_lm(kind="lora", num_experts=1, top_k=1, layers="dense", lora_rank=4)
     out = lm(input_ids=tiny_hf_ids())
