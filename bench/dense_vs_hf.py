@@ -83,12 +83,16 @@ def check_agreement(hf, ours, ids, tol=1e-4):
     return loss_diff, grad_diff
 
 
-def bench(name, hf_cfg, B, T, device, dtype, repeats, tol):
+TABLE = ["| shape | device, dtype | ours ms | transformers ms | transformers / ours | loss diff | max grad diff (relative) |",
+         "|---|---|---|---|---|---|---|"]
+
+
+def bench(name, hf_cfg, B, T, device, dtype, repeats, tol, warmup=2):
     hf, ours = build_pair(hf_cfg, device, dtype)
     ids = torch.randint(0, hf_cfg.vocab_size, (B, T), device=device, generator=torch.Generator(device).manual_seed(0))
     loss_diff, grad_diff = check_agreement(hf, ours, ids, tol)
     t = time_interleaved({"ours": lambda: loss_ours(ours, ids).backward(),
-                          "transformers": lambda: loss_hf(hf, ids).backward()}, repeats, device, warmup=2)
+                          "transformers": lambda: loss_hf(hf, ids).backward()}, repeats, device, warmup=warmup)
     n = sum(p.numel() for p in ours.parameters())
     return (f"| {name}, {n / 1e6:.1f}M params, B={B} T={T} | {device} {dtype} | {t['ours'] * 1e3:.1f} | "
             f"{t['transformers'] * 1e3:.1f} | **{t['transformers'] / t['ours']:.2f}x** | {loss_diff:.1e} | {grad_diff:.1e} |")
@@ -96,9 +100,7 @@ def bench(name, hf_cfg, B, T, device, dtype, repeats, tol):
 
 if __name__ == "__main__":
     set_cpu_threads()
-    lines = [header(f", transformers {tf.__version__}"), "",
-             "| shape | device, dtype | ours ms | transformers ms | transformers / ours | loss diff | max grad diff (relative) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [header(f", transformers {tf.__version__}"), ""] + TABLE
     print("\n".join(lines))
     lines.append(bench("tiny Llama: D=256, F=704, 4 layers, 4 heads, V=2048", tiny_config(), 4, 256, "cpu",
                        torch.float32, repeats=10, tol=1e-4))

@@ -76,32 +76,36 @@ def check_same_tokens(hf, ours, prompts, max_new, batch_size):
     return sum(x == y == z for x, y, z in zip(a, b, c)) / len(prompts)
 
 
-def bench(name, hf_cfg, n, batch_size, device, dtype, repeats, exact, std=0.05):
+TABLE = ["| model | workload | batch | device, dtype | batched answers/s | batch-1 answers/s | transformers answers/s | "
+         "batched / batch-1 | batched / transformers | token ids agree |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def bench(name, hf_cfg, n, batch_size, device, dtype, repeats, exact, std=0.05, warmup=1, workloads=WORKLOADS, emit=print):
+    """One row per workload; each row is emitted as soon as it is measured. warmup=0 is enough where the
+    agreement check (which runs every path once) has already warmed them up."""
     hf, ours = build_models(hf_cfg, device, dtype, std)
     prompts = [p.to(device) for p in make_prompts(n, hf_cfg.vocab_size)]
     rows = []
-    for workload, max_new in WORKLOADS.items():
+    for workload, max_new in workloads.items():
         agree = check_same_tokens(hf, ours, prompts, max_new, batch_size)
         # fp32: must agree exactly; bf16: rounding differs between the implementations, so reported only
         assert agree == 1.0 or not exact, f"{workload}: the three paths agree on {agree:.0%} of prompts"
         t = time_interleaved({"batched": lambda: ours_batched(ours, prompts, max_new, batch_size),
                               "batch-1": lambda: ours_batch1(ours, prompts, max_new),
                               "transformers": lambda: hf_batched(hf, prompts, max_new, batch_size)},
-                             repeats, device)
+                             repeats, device, warmup=warmup)
         rate = {k: n / v for k, v in t.items()}
         rows.append(f"| {name} | {workload}: {n} prompts, 56-72 tokens, {max_new} new | {batch_size} | {device} {dtype} | "
                     f"{rate['batched']:.1f} | {rate['batch-1']:.1f} | {rate['transformers']:.1f} | "
                     f"**{rate['batched'] / rate['batch-1']:.1f}x** | {rate['batched'] / rate['transformers']:.2f}x | {agree:.0%} |")
-        print(rows[-1])
+        emit(rows[-1])
     return rows
 
 
 if __name__ == "__main__":
     set_cpu_threads()
-    lines = [header(f", transformers {tf.__version__}"), "",
-             "| model | workload | batch | device, dtype | batched answers/s | batch-1 answers/s | transformers answers/s | "
-             "batched / batch-1 | batched / transformers | token ids agree |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [header(f", transformers {tf.__version__}"), ""] + TABLE
     print("\n".join(lines))
     lines += bench("tiny Llama: D=256, 4 layers, V=2048", tiny_config(), 32, 32, "cpu", torch.float32, 3, exact=True)
     if torch.cuda.is_available():

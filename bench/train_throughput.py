@@ -30,8 +30,8 @@ import common  # noqa: F401  (puts the repo root on sys.path)
 from common import header, set_cpu_threads, time_interleaved, update_results
 from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaConfig, LMConfig, VisionConfig
 from moe import MoEConfig
-from train import (PEAK_BF16_FLOPS, Config, Context, TrainConfig, build_model, flops_per_step, param_groups, peak_flops,
-                   set_trainable, train_step)
+from train import (PEAK_BF16_FLOPS, Config, Context, InitConfig, TrainConfig, build_model, flops_per_step, param_groups,
+                   peak_flops, set_trainable, train_step)
 
 SEQ, IMAGE_TOKENS = 2048, 576
 
@@ -51,14 +51,24 @@ def tiny_vision():
     return VisionConfig(image_size=336, patch_size=14, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=2)
 
 
-def make_ctx(stage, lm_cfg, vision_cfg, device):
-    cfg = Config(train=TrainConfig(stage=stage, dtype="bf16"), model=LlavaConfig(vision=vision_cfg, lm=lm_cfg),
-                 moe=MoEConfig(num_experts=4, top_k=2, capacity_factor=1.5, layers="sparse"))
+def make_ctx(stage, lm_cfg, vision_cfg, device, base: Config = None):
+    """train.py's Context for `stage` on a model of these sizes with random weights. base: a loaded preset whose
+    [train], [moe] and [stgc] sections to keep (bench/stgc_overhead.py passes configs/moe_llava_stablelm_stgc.toml)."""
+    cfg = base or Config(train=TrainConfig(stage=stage, dtype="bf16"),
+                         moe=MoEConfig(num_experts=4, top_k=2, capacity_factor=1.5, layers="sparse"))
+    cfg.train.stage, cfg.init, cfg.model = stage, InitConfig(), LlavaConfig(vision=vision_cfg, lm=lm_cfg)   # scratch
     torch.manual_seed(0)
     with torch.device(device):
         model = set_trainable(build_model(cfg, lm_cfg.vocab_size), cfg.train).train()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train), lr=cfg.train.lr, fused=device.type == "cuda")
     return Context(cfg, model, model, optimizer, sampler=None, rank=0, world=1, device=device, extra_config={})
+
+
+def train_py_flags(device):
+    """The process-wide settings train.main makes before training: TF32 for the matmuls that run outside autocast
+    (fp32 ones, e.g. STGC's 'full' cosines). Called by the benches, not by make_ctx (tests share the process)."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
 def make_batch(B, vocab, image_size, device):
@@ -116,6 +126,7 @@ def real_size_accounting():
 
 
 def bench(name, stage, lm_cfg, vision_cfg, B, device, repeats):
+    train_py_flags(device)
     ctx = make_ctx(stage, lm_cfg, vision_cfg, device)
     raw = ctx.raw
     assert raw.cfg.vision.num_features == IMAGE_TOKENS

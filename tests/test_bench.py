@@ -1,6 +1,8 @@
 """The bench scripts' correctness checks at tiny size (what each script asserts before it times anything);
 no timing is asserted here."""
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -10,6 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import common  # noqa: E402
 import dense_vs_hf  # noqa: E402
 import eval_throughput  # noqa: E402
+import gpu_suite  # noqa: E402
 import moe_dispatch  # noqa: E402
 import train_throughput  # noqa: E402
 
@@ -109,3 +112,54 @@ def test_update_results_keeps_the_text_around_the_block(tmp_path):
     assert "prose before" in text and "prose after" in text and "old" not in text
     assert "<!-- begin x -->\nnew table\n<!-- end x -->" in text
     assert text.endswith("## Y (`bench/y.py`)\n\n<!-- begin y -->\ny table\n<!-- end y -->\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# bench/gpu_suite.py: the driver (its parts' code runs in full with `--dry-run`, under 2 minutes)
+
+
+def test_gpu_suite_dry_run_writes_a_copy_not_results_md(tmp_path):
+    """One part end to end, as the GPU run does it: a child process, its rows into the gpu_suite block of a copy of
+    RESULTS.md, the log and results.json beside it; bench/RESULTS.md untouched."""
+    before = open(common.RESULTS).read()
+    res = subprocess.run([sys.executable, os.path.join(common.ROOT, "bench", "gpu_suite.py"), "--dry-run", "--parts",
+                          "dispatch", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert open(common.RESULTS).read() == before
+    text = (tmp_path / "RESULTS.md").read_text()
+    block = text[text.index("<!-- begin gpu_suite -->"):text.index("<!-- end gpu_suite -->")]
+    assert "**Dry run**" in block and "| dispatch | ok |" in block
+    for path in ("loop", "padded", "einsum", "grouped"):                 # each path checked against the loop, timed
+        assert f"fp32 weights | {path} |" in block
+    assert "<!-- begin moe_dispatch -->" in text                         # the rest of RESULTS.md is kept
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["dry_run"] and [r["name"] for r in results["results"]] == ["dispatch"]
+    assert "=== part dispatch: ok" in (tmp_path / "gpu_suite.log").read_text()
+
+
+def test_gpu_suite_part_that_fails_or_overruns_keeps_its_rows(tmp_path):
+    log = gpu_suite.Log(str(tmp_path / "log"))
+    script = ("import sys; sys.path.insert(0, {bench!r}); import gpu_suite as g; "
+              "g.PART_FUNCS['x'] = lambda dry: (g.emit('| measured |'), {then}); g.child('x', True)")
+    bench = os.path.join(common.ROOT, "bench")
+    failed = gpu_suite.run_part("x", [sys.executable, "-c", script.format(bench=bench, then="1 / 0")], 60, log,
+                                str(tmp_path / "rows"))
+    assert failed["status"] == "FAILED: ZeroDivisionError: division by zero" and failed["rows"] == ["| measured |"]
+    # the rows file written by hand (no torch import to wait for), then a sleep past the cap
+    slow = ("import json, os, time; open(os.environ[{env!r}], 'a').write(json.dumps({{'row': '| measured |'}}) + '\\n'); "
+            "time.sleep(120)").format(env=gpu_suite.ROWS_ENV)
+    slow = gpu_suite.run_part("x", [sys.executable, "-c", slow], 3, log, str(tmp_path / "rows"))
+    assert slow["status"].startswith("FAILED: timed out after") and slow["rows"] == ["| measured |"]
+    assert slow["seconds"] < 20                                          # the child's process group was ended
+    block = gpu_suite.block("header", False, [failed | {"name": "train"}], 480, 10)
+    assert "| train | FAILED: ZeroDivisionError: division by zero |" in block and "| measured |" in block
+
+
+def test_gpu_suite_lists_its_parts_and_refuses_a_dry_run_into_results_md(tmp_path, capsys):
+    assert gpu_suite.main(["--list"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == list(gpu_suite.PARTS)
+    assert set(gpu_suite.PARTS) == set(gpu_suite.PART_FUNCS)
+    assert sum(cap for cap, _ in gpu_suite.PARTS.values()) <= gpu_suite.BUDGET - 20      # 8 minutes, with room
+    with pytest.raises(SystemExit):
+        gpu_suite.main(["--dry-run", "--results", common.RESULTS, "--out", str(tmp_path)])
