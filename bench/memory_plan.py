@@ -12,8 +12,8 @@ What is computed, and what is measured:
                  (stage II: LLM + projector train; III: every FFN + routers + projector; MoLE: LoRA + routers
                  + projector), so the trainable set is the stage's real one.
   static memory  bytes per parameter under train.py's setup (fp32 master weights, bf16 autocast on CUDA, AdamW):
-                 DDP: 4 (weights, all of them) + per trainable 4 (grad) + 4 (DDP's gradient buckets, a second
-                 copy while gradient_as_bucket_view is off, its default) + 8 (AdamW exp_avg, exp_avg_sq);
+                 DDP: 4 (weights, all of them) + per trainable 4 (grad, a view into DDP's buckets: train.py sets
+                 gradient_as_bucket_view) + 8 (AdamW exp_avg, exp_avg_sq);
                  plus the bf16 weight copies autocast makes (section 3). FSDP2 (train.apply_fsdp): the same
                  divided over the 8 ranks, plus the unsharded bf16 root (embeddings, lm_head, projector), two
                  unsharded decoder blocks (the one computing and the one prefetched), and, when a step
@@ -432,7 +432,7 @@ def plan_memory(cfg, model, positions=None, device="cuda"):
         m["fsdp accum"] = F32 * n_train if accum > 1 else 0.0
     else:
         m["weights"] = F32 * n_all
-        m["grads"] = 2 * F32 * n_train                    # .grad and DDP's bucket copy
+        m["grads"] = F32 * n_train                        # .grad, a view into DDP's buckets (gradient_as_bucket_view)
         m["adamw"] = 2 * F32 * n_train
     for ac in (False, True):
         m[f"act ckpt {'on' if ac else 'off'}"] = activation_peak(a, ac)
@@ -682,7 +682,7 @@ def main(argv=None):
              f"Per GPU of {WORLD}, GiB. Each sample: one image + text cut at data.max_length ids = the positions shown "
              f"(576 of them image features), {SUPERVISED:.0%} of its text supervised; every sample that long. Budget: an "
              f"80 GB card = {CARD / GiB:.1f} GiB; *fits* leaves {RESERVE / GiB:.0f} GiB of it for the CUDA context, NCCL "
-             "and fragmentation, *tight* is within it. grads = .grad + DDP's bucket copy (DDP), or the 1/8 shard "
+             "and fragmentation, *tight* is within it. grads = .grad, a view into DDP's buckets (DDP), or the 1/8 shard "
              "(FSDP; * adds FSDP2's unsharded fp32 accumulator, since the presets accumulate 2 micro-batches). bf16 "
              "copies = autocast's weight casts (DDP) or FSDP2's unsharded bf16 root + 2 blocks. Activations = the "
              "modelled backward peak (saved tensors + the logits' or one block's backward transient); for FSDP rows an "
