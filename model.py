@@ -515,7 +515,7 @@ class LanguageModel(nn.Module):
             self.layers[i].mlp = make_moe_mlp(moe_cfg, self.layers[i].mlp)
         if moe_cfg.kind == "lora" and moe_cfg.attn_lora_rank:
             apply_attention_lora(self.layers, moe_cfg)
-        return self
+        return self.train(self.training)          # new modules start in training mode: follow the model's
 
     def tie_weights(self):
         if self.cfg.tie_embeddings:

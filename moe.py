@@ -105,29 +105,41 @@ class RoutingRecord:
 # Routing (DeepSpeed v0.9.5 top2gating, generalised to k choices)
 
 def capacity(num_tokens, cfg: MoEConfig, training: bool) -> int:
+    """DeepSpeed v0.9.5 `_capacity`, to the bit: ceil((S / E) * tensor(cf * k)), the product in float32 (the
+    Python float S / E times a float32 tensor). Python's float64 differs for some factors: S=100, E=4, k=2,
+    cf=1.1 gives 55 there and 56 in float64; S=25, cf=1.2 gives 16 there and 15 in float64."""
     if cfg.dropless:
         return num_tokens
     cf = cfg.capacity_factor if training else cfg.eval_capacity_factor
-    return max(math.ceil(num_tokens / cfg.num_experts * cf * cfg.top_k), cfg.min_capacity)
+    c = int(torch.ceil((num_tokens / cfg.num_experts) * torch.tensor(cf * cfg.top_k, dtype=torch.float32)))
+    return max(c, cfg.min_capacity)
+
+
+def gumbel_noise(shape, device, generator=None):
+    """Standard Gumbel samples -log(-log(U)), U uniform in (0, 1) kept off both ends (as torch.distributions.Gumbel)."""
+    tiny = torch.finfo(torch.float32).tiny
+    u = torch.rand(shape, device=device, generator=generator).clamp(tiny, 1 - torch.finfo(torch.float32).eps)
+    return -torch.log(-torch.log(u))
 
 
 def route(logits_SE, cfg: MoEConfig, training: bool, generator=None):
     """Choose experts, positions in their buffers, drops and combine weights for every token."""
     S, E = logits_SE.shape
     probs_SE = logits_SE.softmax(dim=-1)                               # fp32
-    # k choices, best first; with 'gumbel' every choice after the first is argmax(logits + Gumbel noise)
-    # among the remaining experts, the probabilities used for weights stay un-noised (as DeepSpeed).
+    # k choices, best first. The first is argmax of the probabilities, as DeepSpeed takes it (softmax can tie
+    # logits that differ, and argmax then keeps the lower index); each later one the same over the experts not yet
+    # taken, or with 'gumbel' argmax(logits + Gumbel noise) over them (DeepSpeed's top2gating: a sample from
+    # softmax over the remaining experts). The combine weights use the un-noised probabilities either way.
     gumbel = cfg.second_expert == "gumbel" and (training or cfg.gumbel_at_eval)
-    scores_SE = logits_SE.detach().clone()
+    taken_SE = torch.zeros_like(probs_SE, dtype=torch.bool)
     choices = []
     for k in range(cfg.top_k):
-        noisy = scores_SE
+        scores_SE = probs_SE.detach()
         if gumbel and k > 0:
-            u = torch.rand(scores_SE.shape, device=scores_SE.device, generator=generator)
-            noisy = scores_SE - torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
-        choice_S = noisy.argmax(dim=-1)
+            scores_SE = logits_SE.detach() + gumbel_noise(logits_SE.shape, logits_SE.device, generator)
+        choice_S = scores_SE.masked_fill(taken_SE, float("-inf")).argmax(dim=-1)
         choices.append(choice_S)
-        scores_SE = scores_SE.scatter(1, choice_S[:, None], float("-inf"))
+        taken_SE = taken_SE | F.one_hot(choice_S, E).bool()
     experts_SK = torch.stack(choices, dim=1)                           # [S, K]
     # Buffer positions: all first choices in token order, then all second choices (DeepSpeed loc1, loc2).
     onehot_KSE = F.one_hot(experts_SK.T, E)                            # [K, S, E]

@@ -30,6 +30,19 @@ def test_capacity_formula():
     assert capacity(10, MoEConfig(dropless=True, capacity_factor=0.1), training=True) == 10
 
 
+@pytest.mark.parametrize("S,cf,deepspeed", [(100, 1.1, 55), (25, 1.2, 16), (2048, 1.5, 1536)])
+def test_capacity_is_deepspeeds_float32_arithmetic(S, cf, deepspeed):
+    """DeepSpeed v0.9.5: ceil((S / E) * torch.tensor(cf * 2)) in float32; float64 gives 56 and 15 for the first two."""
+    assert capacity(S, MoEConfig(num_experts=4, top_k=2, capacity_factor=cf), training=True) == deepspeed
+
+
+def test_first_choice_is_argmax_of_the_probabilities():
+    """Logits 1e-8 apart tie after softmax in fp32: DeepSpeed's argmax(gates) keeps the lower index."""
+    logits = torch.tensor([[0.0, 1e-8, -3.0, -3.0]])
+    assert logits.argmax(-1).item() == 1 and logits.softmax(-1).argmax(-1).item() == 0
+    assert route(logits, MoEConfig(num_experts=4, top_k=2), training=True)[0].tolist() == [[0, 1]]
+
+
 def test_dropping_order_first_choices_before_second():
     # C = ceil(4 / 3 * 0.75 * 2) = 2 slots per expert.
     # First choices, in token order: e0 <- t0 (slot 0), t1 (slot 1), t2 (slot 2: dropped); e1 <- t3 (slot 0).
@@ -65,17 +78,22 @@ def test_aux_loss_gradient_flows_through_mean_prob_only():
     assert logits.grad.abs().sum() > 0
 
 
-def test_gumbel_second_choice_only_when_asked():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(256, 4, generator=g)
-    top2 = route(logits, MoEConfig(), training=True)[0]
+def test_gumbel_second_choice_samples_softmax_over_the_remaining_experts():
+    """Gumbel-max: argmax(logits + Gumbel noise) over the experts other than the first choice is a draw from softmax
+    over those experts. Every token here prefers expert 0 first, where the NaN-noise bug routed it to 0 twice."""
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0]).repeat(40000, 1)
     gumbel_cfg = MoEConfig(second_expert="gumbel")
-    sampled = route(logits, gumbel_cfg, training=True, generator=torch.Generator().manual_seed(1))[0]
-    assert torch.equal(sampled[:, 0], top2[:, 0])                     # first choice is always the argmax
-    assert (sampled[:, 1] != top2[:, 1]).any()                         # second is sampled in training
-    assert torch.equal(route(logits, gumbel_cfg, training=False)[0], top2)   # never silently at evaluation
+    experts = route(logits, gumbel_cfg, training=True, generator=torch.Generator().manual_seed(1))[0]
+    assert (experts[:, 0] == 0).all() and (experts[:, 0] != experts[:, 1]).all()   # never the same expert twice
+    freq = torch.bincount(experts[:, 1], minlength=4).float() / len(experts)
+    expected = torch.cat([torch.zeros(1), logits[0, 1:].softmax(-1)])
+    assert (freq - expected).abs().max() < 0.01, (freq, expected)     # ~4 standard errors at 40k draws
+    # evaluation stays deterministic unless asked for the original's behaviour (MoE-LLaVA issue #60)
+    top2 = route(logits[:8], MoEConfig(), training=True)[0]
+    assert torch.equal(route(logits[:8], gumbel_cfg, training=False)[0], top2)
     eval_bug = MoEConfig(second_expert="gumbel", gumbel_at_eval=True)
-    assert (route(logits, eval_bug, training=False, generator=torch.Generator().manual_seed(1))[0] != top2).any()
+    sampled = route(logits[:256], eval_bug, training=False, generator=torch.Generator().manual_seed(2))[0]
+    assert (sampled[:, 1] != 1).any() and (sampled[:, 0] != sampled[:, 1]).all()
 
 
 def test_layer_placement():
