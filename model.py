@@ -557,6 +557,12 @@ class LanguageModel(nn.Module):
             return ModelOutput(logits=self.lm_head(h), aux_loss=aux, routing=routing)
         targets = labels[:, 1:]                                        # position t predicts token t+1
         keep = targets != IGNORE_INDEX                                 # [B, T-1]
+        # Causal attention: position t influences the predictions at t, t+1, ..., so it can carry an LM-loss
+        # gradient iff some supervised prediction sits at or after it (STGC never counts the others: stgc.py).
+        reaches = keep.flip(-1).cumsum(-1).flip(-1) > 0                # [B, T-1]
+        reaches = torch.cat([reaches, reaches.new_zeros(reaches.shape[0], 1)], dim=1).reshape(-1)   # [B*T]
+        for r in routing:
+            r.reaches_loss = reaches
         logits = self.lm_head(h[:, :-1][keep]).float()                 # [n, V]
         n = keep.sum()
         loss = F.cross_entropy(logits, targets[keep], reduction="sum") / n.clamp(min=1)

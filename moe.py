@@ -99,6 +99,8 @@ class RoutingRecord:
     module: nn.Module = None           # the layer, for STGC's per-expert functions (expert_params / expert_apply)
     layer: int = -1                    # decoder layer index, set by the LanguageModel
     valid: torch.Tensor = None         # [S] bool, real (non-padding) tokens, set by the LanguageModel
+    reaches_loss: torch.Tensor = None  # [S] bool, positions with a supervised target at or after them (only those
+                                       # can carry an LM-loss gradient); set by the LanguageModel when given labels
 
 
 # -----------------------------------------------------------------------------

@@ -29,10 +29,16 @@ Two implementations that agree (tests/test_stgc.py):
   Convention: the fast path's dL/dy is the gradient of the whole objective arriving at the layer output, which
   includes the aux and CEL gradients of deeper MoE layers; the paper's pass 1 uses the LM loss alone. They are
   identical when no deeper MoE layer contributes a router-loss gradient (one MoE layer, or alpha = beta = 0).
+  Measured (bench/stgc_agreement.py: MoE at all 4 layers of a small random decoder, alpha = 0.01, bias source): the
+  deepest layer agrees exactly; over all layers the conflict label of 1.8% of pairs differs at beta = 0.01 (2.6-2.8%
+  on the shallower layers), 13.4% at beta = 0.5, 0.6% at beta = 0 (alpha's share), against a reference conflict
+  ratio of ~10%: at large beta the two are different methods. The log and
+  eval's statistics name theirs: LayerConflicts.definition, 'lm_loss' (reference, eval) or 'objective' (fast).
 
 Choices where the paper is silent (each a knob of STGCConfig): beta (loss_weight) default 0.01 with layers
-summed, as MoE-LLaVA sums its aux loss with 0.01; the expert mean per micro-batch and per rank; tokens with a
-zero gradient (e.g. after the last supervised token) are never conflicts; per-token gradients ignore LoRA
+summed, as MoE-LLaVA sums its aux loss with 0.01; the expert mean per micro-batch and per rank; a position that no LM-loss gradient can
+reach (no supervised target at or after it in its sequence: RoutingRecord.reaches_loss, from the labels) is never
+a pair in either implementation, nor is a zero gradient (it has no direction); per-token gradients ignore LoRA
 dropout (the functional expert has none). In 'full' mode the fast path recomputes each expert's forward once.
 """
 import os
@@ -72,13 +78,14 @@ class LayerConflicts:
     conflict: torch.Tensor             # [M] bool
     cel: torch.Tensor = None           # the layer's CEL value (detached)
     layer: int = -1
+    definition: str = "lm_loss"        # whose gradient: 'lm_loss' (paper pass 1) | 'objective' (fast: + deeper aux, CEL)
 
     def stats(self, num_experts) -> dict:
         """Plain numbers for the training log (one host sync)."""
         pair, n = self.pair.float(), self.pair.sum().clamp_min(1)
         per_expert = torch.zeros(num_experts, device=pair.device).index_add_(0, self.expert, self.cos * pair)
         count = torch.zeros(num_experts, device=pair.device).index_add_(0, self.expert, pair)
-        return {"layer": self.layer, "pairs": int(self.pair.sum()), "conflict_ratio": float(self.conflict.sum() / n),
+        return {"layer": self.layer, "definition": self.definition, "pairs": int(self.pair.sum()), "conflict_ratio": float(self.conflict.sum() / n),
                 "mean_cos": float((self.cos * pair).sum() / n), "cel": float(self.cel) if self.cel is not None else 0.0,
                 "consistency": (per_expert / count.clamp_min(1)).tolist()}   # mean cos to its mean, per expert
 
@@ -96,6 +103,8 @@ def assignments(record, delta_SD):
     pair = record.kept.reshape(-1)
     if record.valid is not None:
         pair = pair & record.valid[token]
+    if record.reaches_loss is not None:                                # no LM gradient can arrive there: the
+        pair = pair & record.reaches_loss[token]                       # fast path would see only aux / CEL grads
     u = delta_SD[token] if record.module.gate_inside else delta_SD[token] * gate[:, None].to(delta_SD.dtype)
     return token, expert, pair, gate, u.float()
 
@@ -114,8 +123,10 @@ def per_token_grads(layer, e, x_ND, u_ND, gate_N):
     def token_objective(p, x, u, g):
         return (u * layer.expert_apply(p, x[None], g[None])[0]).sum()
 
+    if x_ND.shape[0] == 0:                                             # an expert with no token on this rank
+        return x_ND.new_zeros(0, sum(p.numel() for p in params.values()), dtype=torch.float32)
     grads = vmap(grad(token_objective), in_dims=(None, 0, 0, 0))(params, x_ND.float(), u_ND, gate_N.float())
-    return torch.cat([g.reshape(x_ND.shape[0], -1) for g in grads.values()], dim=1)
+    return torch.cat([g.flatten(1) for g in grads.values()], dim=1)
 
 
 def factorised_full_cos(layer, e, x_ND, u_ND, gate_N, scope):
@@ -241,7 +252,7 @@ class STGC:
             out = forward()
             with torch.autocast(device_type=out.loss.device.type, enabled=False):   # backward outside autocast
                 deltas = torch.autograd.grad(out.loss, [r.output for r in out.routing], allow_unused=True)
-            self.conflicts = [find_conflicts(r, torch.zeros_like(r.output) if d is None else d.reshape(-1, d.shape[-1]),
+            self.conflicts = [find_conflicts(r, (torch.zeros_like(r.output) if d is None else d).reshape(-1, r.output.shape[-1]),
                                              self.cfg, materialise=True) for r, d in zip(out.routing, deltas)]
         return self.conflicts
 
@@ -270,6 +281,7 @@ class STGC:
             def on_output_grad(delta, record=weakref.ref(r), i=i, pending=pending):
                 r = record()
                 c = find_conflicts(r, delta.reshape(-1, delta.shape[-1]), self.cfg)
+                c.definition = "objective"                             # the whole objective's gradient arrives here
                 logits = r.router_logits.detach()
                 c.cel = conflict_elimination_loss(logits, c)
                 pending["grad"] = weight * cel_logit_grad(logits, c)

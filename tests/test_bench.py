@@ -163,3 +163,11 @@ def test_gpu_suite_lists_its_parts_and_refuses_a_dry_run_into_results_md(tmp_pat
     assert sum(cap for cap, _ in gpu_suite.PARTS.values()) <= gpu_suite.BUDGET - 20      # 8 minutes, with room
     with pytest.raises(SystemExit):
         gpu_suite.main(["--dry-run", "--results", common.RESULTS, "--out", str(tmp_path)])
+
+
+def test_stgc_agreement_deepest_layer_exact_and_pairs_equal():
+    """bench/stgc_agreement.py's measurement: the deepest MoE layer sees no deeper router loss, so fast and reference
+    agree exactly there (the shallower ones may differ by definition); both find the same pairs (asserted inside)."""
+    import stgc_agreement
+    rows = stgc_agreement.disagreement((0.5,), range(2))[0.5]
+    assert len(rows) == 4 and rows[-1][0] == 0 and rows[-1][1] > 0

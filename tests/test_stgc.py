@@ -223,3 +223,47 @@ def test_reference_full_refuses_per_token_gradients_that_would_not_fit(monkeypat
         STGC(cfg).reference_conflicts(lambda: lm(**b))
     monkeypatch.undo()
     assert STGC(cfg).reference_conflicts(lambda: lm(**b))                 # with the real free memory it runs
+
+
+def test_reference_full_global_scope_with_an_expert_that_keeps_no_token():
+    """mean_scope='global' visits every expert (the all-reduce is a collective), also one with no token on this rank."""
+    lm, b = tiny_moe_lm(), batch()
+    out = lm(**b)
+    r = out.routing[0]
+    r.kept = r.kept & (r.experts != 3)                                 # as if expert 3's tokens were all dropped
+    delta = torch.randn(r.inputs.shape)
+    c = find_conflicts(r, delta, STGCConfig(enabled=True, grad_source="full", impl="reference", mean_scope="global"),
+                       materialise=True)
+    assert not c.pair[c.expert == 3].any() and c.pair.any()
+
+
+def test_reference_pass_without_any_gradient_at_a_layer():
+    """A layer the loss does not reach gets a zero output gradient of the record's [S, D] shape: no pair conflicts."""
+    from dataclasses import replace
+    lm, b = tiny_moe_lm(), batch()
+    conflicts = STGC(STGCConfig(enabled=True)).reference_conflicts(lambda: replace(lm(**b), loss=lm.lm_head.weight.sum()))
+    assert len(conflicts) == 1 and not conflicts[0].conflict.any()
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_positions_no_lm_gradient_reaches_are_never_pairs(impl):
+    """Two MoE layers: in the fast path the deeper layer's aux and CEL gradients reach every position of the
+    shallower one, also those after the last supervised target, which no LM gradient reaches. Those positions
+    must not be pairs (so never conflicts), and a micro-batch with no supervised target gets no CEL."""
+    lm, b = tiny_moe_lm(moe_layers=(0, 1)), batch()
+    b["labels"][:, 7:] = -100                                          # positions 6.. predict nothing supervised
+    _, conflicts, _ = run(lm, STGCConfig(enabled=True, impl=impl, loss_weight=0.5), b)
+    T = b["input_ids"].shape[1]
+    late = (torch.arange(3 * T) % T) >= 6                              # [S]: no supervised target at or after them
+    for c in conflicts:
+        assert c.pair.any() and not c.pair[late[c.token]].any()
+    b["labels"][:] = -100                                              # nothing supervised at all
+    _, conflicts, _ = run(lm, STGCConfig(enabled=True, impl=impl, loss_weight=0.5), b)
+    assert all(not c.pair.any() and float(c.cel) == 0.0 for c in conflicts)
+
+
+def test_logged_statistics_name_their_definition():
+    lm, b = tiny_moe_lm(), batch()
+    _, _, fast = run(lm, STGCConfig(enabled=True, impl="fast"), b)
+    _, _, ref = run(lm, STGCConfig(enabled=True, impl="reference"), b)
+    assert [s["definition"] for s in fast.stats(4)] == ["objective"] and [s["definition"] for s in ref.stats(4)] == ["lm_loss"]
