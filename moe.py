@@ -22,6 +22,7 @@ K = top_k, D model width, F FFN width, r LoRA rank, M = S*K token-expert assignm
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -113,7 +114,9 @@ def capacity(num_tokens, cfg: MoEConfig, training: bool) -> int:
     if cfg.dropless:
         return num_tokens
     cf = cfg.capacity_factor if training else cfg.eval_capacity_factor
-    c = int(torch.ceil((num_tokens / cfg.num_experts) * torch.tensor(cf * cfg.top_k, dtype=torch.float32)))
+    # numpy float32 on the host (a torch tensor here would land on the default device and sync): torch casts the
+    # Python scalar S / E to the tensor's float32 before the product, so both factors are float32 as here
+    c = math.ceil(np.float32(num_tokens / cfg.num_experts) * np.float32(cf * cfg.top_k))
     return max(c, cfg.min_capacity)
 
 

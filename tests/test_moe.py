@@ -36,6 +36,15 @@ def test_capacity_is_deepspeeds_float32_arithmetic(S, cf, deepspeed):
     assert capacity(S, MoEConfig(num_experts=4, top_k=2, capacity_factor=cf), training=True) == deepspeed
 
 
+def test_capacity_equals_deepspeeds_expression_on_a_grid():
+    """DeepSpeed v0.9.5 _capacity, written out: torch.ceil((S / E) * torch.tensor(cf * k)) (float32 tensor)."""
+    for S in (7, 25, 100, 999, 2048, 12345):
+        for cf in (0.3, 1.0, 1.1, 1.2, 1.25, 1.37, 1.5, 2.0):
+            for E, k in ((4, 2), (8, 2), (3, 1)):
+                ref = int(torch.ceil((S / E) * torch.tensor(cf * k)))
+                assert capacity(S, MoEConfig(num_experts=E, top_k=k, capacity_factor=cf), True) == ref, (S, cf, E, k)
+
+
 def test_first_choice_is_argmax_of_the_probabilities():
     """Logits 1e-8 apart tie after softmax in fp32: DeepSpeed's argmax(gates) keeps the lower index."""
     logits = torch.tensor([[0.0, 1e-8, -3.0, -3.0]])
