@@ -24,11 +24,14 @@ Each metric reproduces the script MoE-LLaVA runs (reference/moe_llava.md §5.2; 
 | docvqa     | docvqa/val/val_v1.0.json                          | ANLS, tau 0.5 (the RRC DocVQA evaluation script)         |
 
 Deliberate deviations from the official scripts (each also commented where it happens):
-  * Missing answers (--max-samples, an interrupted run): every metric is over the answered questions and
-    reports how many; the originals assume complete runs (GQA's eval.py raises, eval_science_qa.py counts
-    a missing problem as FAILED, eval_pope.py pairs answers with labels by order).
+  * Missing answers (--max-samples, an interrupted run): ScienceQA counts an asked problem without an answer
+    as FAILED, as eval_science_qa.py does (over the asked test problems, where the original takes the whole
+    test split); every other metric is over the answered questions and reports how many, where the originals
+    assume complete runs (GQA's eval.py raises, eval_pope.py pairs answers with labels by order).
   * POPE pairs an answer with the label at the same position within its category, which is the original's
-    order-zip for a complete run and stays right when some answers are missing.
+    order-zip for a complete run and stays right when some answers are missing; and it first checks that each
+    label's image and question are those of the question at its position (the original does not), so a label
+    file of another POPE version fails to load instead of giving a wrong F1.
   * VQA / VizWiz leave-one-out runs over annotator positions. vqaEval.py compares answer dicts, which is the
     same when the dicts are distinct (VQAv2's answer_id); VizWiz's answer dicts have no id.
   * MME: questions of one image are grouped by image (the original pairs consecutive lines of its txt).
@@ -291,16 +294,29 @@ def textvqa_question(prompt: str) -> str:
 # -----------------------------------------------------------------------------
 # Per-benchmark answer parsing
 
-def sqa_letter(text: str, options: str = "ABCDE") -> str:
-    """eval_science_qa.py, in order: the text is one letter; or "X. ..." (at least 3 characters, so "A."
-    alone fails); or exactly one match of r'The answer is ([A-Z]).'; else "FAILED" (counted wrong; the
-    random fallback in the original is dead code)."""
+# eval_science_qa.py's --options default is a list, so membership is of a whole letter: "", "AB", "ABC" or "BC"
+# are no letter (a string "ABCDE" would take them as substrings and score "" and "AB" as A).
+SQA_OPTIONS = ("A", "B", "C", "D", "E")
+
+
+def sqa_letter(text: str, options=SQA_OPTIONS) -> str:
+    """eval_science_qa.py, in order (§5.2): the text is one of the letters; or "X. ..." (at least 3
+    characters, so "A." alone fails); or exactly one match of r'The answer is ([A-Z]).'; else "FAILED".
+    Where §5.2 is silent, as LLaVA-1.5's eval_science_qa.py (the one MoE-LLaVA copies) does it: the text is
+    not stripped or lower-cased again (model_vqa_science.py strips it before writing), and the regex's '.' is
+    unescaped, so it needs one more character of any kind ("The answer is B" at the very end fails)."""
     if text in options:
         return text
     if len(text) >= 3 and text[0] in options and text[1:3] == ". ":
         return text[0]
     found = re.findall(r"The answer is ([A-Z]).", text)
     return found[0] if len(found) == 1 else "FAILED"
+
+
+def sqa_index(letter: str, n_choices: int, options=SQA_OPTIONS) -> int:
+    """get_pred_idx: the letter's index if it is one of the problem's first n_choices options, else -1, which
+    never equals an answer (the original's random fallback after `return -1` is dead code)."""
+    return options.index(letter) if letter in options[:n_choices] else -1
 
 
 def pope_yes_no(text: str) -> str:
@@ -511,9 +527,19 @@ def score_vizwiz(answers, questions, gold, out_dir, model_id):
 # -----------------------------------------------------------------------------
 # GQA
 
+# The official layout first: LLaVA's docs put GQA's download under gqa/data, and MoE-LLaVA's gqa.sh reads the
+# questions from gqa/data/questions1.2/; the flat one is where our synthetic set (data.py) writes them.
+GQA_ANNOTATIONS = (os.path.join("gqa", "data", "questions1.2", "testdev_balanced_questions.json"),
+                   os.path.join("gqa", "testdev_balanced_questions.json"))
+
+
 def load_gqa(qfile, data, ann, image_root):
     questions = load_llava_jsonl(qfile, image_root)
-    ann = ann or os.path.join(data, "gqa", "testdev_balanced_questions.json")
+    if ann is None:
+        candidates = [os.path.join(data, p) for p in GQA_ANNOTATIONS]
+        ann = next((p for p in candidates if os.path.isfile(p)), None)
+        if ann is None:
+            raise DataFileError(f"GQA annotations: none of {candidates} exists (--annotations gqa=FILE names another)")
     gold = read_json(ann)
     if not isinstance(gold, dict):
         raise DataFileError(f"{ann}: expected {{question_id: {{question, answer, isBalanced, ...}}}}")
@@ -576,28 +602,33 @@ def load_scienceqa(qfile, data, ann, image_root):
 
 
 def score_scienceqa(answers, questions, gold, out_dir, model_id):
-    """eval_science_qa.py over the test split; a problem is right iff its parsed letter is within its choices
-    and equals the answer. SQA-IMG = accuracy over problems whose prompt holds "<image>". Scored over the test
-    problems that were asked (the original counts problems missing from the answers as FAILED)."""
+    """eval_science_qa.py: a problem is right iff its parsed letter is one of its choices and equals the
+    answer. A problem without an answer is scored as the original scores a test problem missing from the
+    answer file: text "FAILED", prompt "Unknown", so it is wrong and lowers the accuracy; and since a problem
+    counts for SQA-IMG iff its answer's prompt holds "<image>", it is outside IMG accuracy, there as here
+    (n_img_unanswered says how many image problems that left out). The original scores the whole test split;
+    we score the test problems that were asked (--max-samples), which is the same for a complete run."""
     preds = {str(a["question_id"]): a for a in answers}
-    asked = {str(q.question_id) for q in questions}
-    results, outputs, right, img_right, img_total = {}, {}, 0, 0, 0
+    asked = {str(q.question_id): q for q in questions}
+    results, outputs, right, img_right, img_total, img_unanswered = {}, {}, 0, 0, 0, 0
     for pid in gold["test"]:
-        if pid not in asked or pid not in preds:
+        if pid not in asked:
             continue
-        prob, pred = gold["problems"][pid], preds[pid]
-        letter = sqa_letter(pred["text"])
-        idx = "ABCDE".index(letter) if letter in "ABCDE"[:len(prob["choices"])] else -1
+        prob, pred = gold["problems"][pid], preds.get(pid, {"text": "FAILED", "prompt": "Unknown"})
+        idx = sqa_index(sqa_letter(pred["text"]), len(prob["choices"]))
         results[pid], outputs[pid] = idx, pred["text"]
         ok = idx == prob["answer"]
         right += ok
         if IMAGE in pred["prompt"]:
             img_right, img_total = img_right + ok, img_total + 1
+        elif pid not in preds and IMAGE in asked[pid].prompt:
+            img_unanswered += 1
     n = len(results)
     path = write_json(os.path.join(out_dir, "upload", "scienceqa", f"{model_id}_result.json"),
                       {"acc": _pct(right, n), "correct": right, "count": n, "results": results, "outputs": outputs}, indent=2)
-    return {"img_accuracy": _pct(img_right, img_total), "accuracy": _pct(right, n), "n": n, "n_img": img_total,
-            "n_questions": len(questions), "results": path}
+    return {"img_accuracy": _pct(img_right, img_total), "accuracy": _pct(right, n),
+            "n": sum(pid in preds for pid in results), "n_scored": n, "n_img": img_total,
+            "n_img_unanswered": img_unanswered, "n_questions": len(questions), "results": path}
 
 # -----------------------------------------------------------------------------
 # TextVQA
@@ -643,12 +674,23 @@ def score_textvqa(answers, questions, gold, out_dir, model_id):
 # POPE
 
 POPE_CATEGORIES = ("adversarial", "popular", "random")
+# LLaVA's docs/Evaluation.md links POPE's output/coco at this commit; the label files POPE serves today are
+# another version (3000 "random" questions, not the 2910 of llava_pope_test.jsonl; issue 14) in another order.
+POPE_LABEL_VERSION = ("the label files of POPE commit e3e39262c85a6a83f26cf5094022a782cb0df58d (output/coco), "
+                      "which LLaVA's docs/Evaluation.md pins")
+
+
+def _pope_text(text):
+    """A POPE question as its label file writes it: LLaVA's question file adds the single-word suffix."""
+    return (text[:-len(SHORT)] if text.endswith(SHORT) else text).strip()
 
 
 def load_pope(qfile, data, ann, image_root):
-    questions = load_llava_jsonl(qfile, image_root)
-    cats = [need(rec, ["category"], qfile, f"question {q.question_id}")["category"]
-            for q, rec in zip(questions, read_jsonl(qfile))]
+    """Questions and, per category, the labels in order. eval_pope.py pairs a category's answers with its label
+    file by position alone, so a label file of another version gives a wrong F1 without a word; here each
+    label's image and question must be those of the question at its position, or loading fails."""
+    questions, recs = load_llava_jsonl(qfile, image_root), read_jsonl(qfile)
+    cats = [need(rec, ["category"], qfile, f"question {q.question_id}")["category"] for q, rec in zip(questions, recs)]
     labels = {}
     root = ann or os.path.dirname(qfile)
     for cat in sorted(set(cats)):
@@ -657,9 +699,18 @@ def load_pope(qfile, data, ann, image_root):
         path = next((p for p in candidates if os.path.isfile(p)), None)
         if path is None:
             raise DataFileError(f"POPE labels for category {cat!r}: none of {candidates} exists")
-        labels[cat] = [need(x, ["label"], path, f"line {n}")["label"] for n, x in enumerate(read_lines_or_json(path), 1)]
-        if len(labels[cat]) < cats.count(cat):
-            raise DataFileError(f"{path}: {len(labels[cat])} labels for {cats.count(cat)} {cat} questions")
+        items = [need(x, ["label", "image", "text"], path, f"line {n}") for n, x in enumerate(read_lines_or_json(path), 1)]
+        asked = [rec for rec, c in zip(recs, cats) if c == cat]
+        if len(items) < len(asked):
+            raise DataFileError(f"{path}: {len(items)} labels for {len(asked)} {cat} questions; use {POPE_LABEL_VERSION}")
+        for pos, (rec, x) in enumerate(zip(asked, items), 1):
+            if (os.path.basename(str(x["image"])), _pope_text(str(x["text"]))) != \
+                    (os.path.basename(str(rec["image"])), _pope_text(str(rec["text"]))):
+                raise DataFileError(
+                    f"{path}: label {pos} ({x['image']!r}, {_pope_text(str(x['text']))!r}) does not match {cat} question "
+                    f"{rec['question_id']!r} (#{pos} of its category in {qfile}: {rec['image']!r}, "
+                    f"{_pope_text(str(rec['text']))!r}); these labels are another version, use {POPE_LABEL_VERSION}")
+        labels[cat] = [x["label"] for x in items]
     return questions, {"categories": cats, "labels": labels}
 
 

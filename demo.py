@@ -83,7 +83,7 @@ def domain_scores(benchmarks: dict) -> dict:
     out["ocr"] = benchmarks.get("textvqa", {}).get("accuracy")
     out["pope"] = benchmarks.get("pope", {}).get("f1_mean")
     out["mc"] = sqa.get("img_accuracy")
-    n, n_img = sqa.get("n", 0), sqa.get("n_img", 0)
+    n, n_img = sqa.get("n_scored", 0), sqa.get("n_img", 0)            # accuracy's and img_accuracy's denominators
     out["text"] = (sqa["accuracy"] * n - sqa["img_accuracy"] * n_img) / (n - n_img) if n > n_img else None
     return out
 

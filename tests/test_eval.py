@@ -140,9 +140,13 @@ def test_textvqa_unknown_prompt_form():
 
 @pytest.mark.parametrize("text,letter", [
     ("A", "A"), ("B. blue", "B"), ("The answer is C.", "C"), ("Hmm. The answer is D because", "D"),
+    ("The answer is B.", "B"),
     ("The answer is A. The answer is B.", "FAILED"),    # two matches
+    ("The answer is B", "FAILED"),                      # the regex's unescaped '.' needs one more character
     ("A.", "FAILED"),                                   # "X. " needs 3 characters
-    ("b", "FAILED"), ("E", "E"),
+    ("b", "FAILED"), ("E", "E"), (" A", "FAILED"),      # no stripping, no lower-casing
+    # the official tests membership in the list ["A", ..., "E"], not in the string "ABCDE"
+    ("", "FAILED"), ("AB", "FAILED"), ("ABC", "FAILED"), ("BC", "FAILED"), ("ABCDE", "FAILED"),
 ])
 def test_sqa_letter(text, letter):
     assert B.sqa_letter(text) == letter
@@ -257,6 +261,27 @@ def test_gqa_exact_match_over_balanced_questions(tmp_path):
     assert json.load(open(m["predictions"]))[1] == {"questionId": "202", "prediction": "the dirt"}
 
 
+GQA_OFFICIAL = os.path.join("gqa", "data", "questions1.2", "testdev_balanced_questions.json")   # gqa.sh
+GQA_FLAT = os.path.join("gqa", "testdev_balanced_questions.json")
+
+
+@pytest.mark.parametrize("layout", [GQA_OFFICIAL, GQA_FLAT])
+def test_gqa_annotations_in_either_layout(tmp_path, layout):
+    qfile = write_jsonl(tmp_path / "gqa" / "llava_gqa_testdev_balanced.jsonl",
+                        [{"question_id": "201", "image": "n1.jpg", "text": "Q?" + SHORT}])
+    write_json(tmp_path / layout, {"201": {"answer": "yes", "isBalanced": True}})
+    questions, gold = B.load_gqa(qfile, str(tmp_path), None, "")
+    assert B.score_gqa(answers_for(questions, {"201": "Yes"}), questions, gold, str(tmp_path / "o"), "m")["accuracy"] == 100.0
+
+
+def test_gqa_missing_annotations_name_both_layouts(tmp_path):
+    qfile = write_jsonl(tmp_path / "gqa" / "llava_gqa_testdev_balanced.jsonl",
+                        [{"question_id": "201", "image": "n1.jpg", "text": "Q?" + SHORT}])
+    with pytest.raises(DataFileError) as e:
+        B.load_gqa(qfile, str(tmp_path), None, "")
+    assert str(tmp_path / GQA_OFFICIAL) in str(e.value) and str(tmp_path / GQA_FLAT) in str(e.value)
+
+
 def sqa_fixture(root):
     d = root / "scienceqa"
     problems = {"10": {"choices": ["a", "b", "c"], "answer": 1, "image": "image.png", "split": "test"},
@@ -292,6 +317,22 @@ def test_scienceqa_prompts_and_img_accuracy(tmp_path):
     assert (m["accuracy"], m["img_accuracy"], m["n"], m["n_img"]) == (pytest.approx(60.0), pytest.approx(100 / 3), 5, 3)
     res = json.load(open(m["results"]))
     assert res["results"] == {"10": 1, "11": -1, "12": 2, "13": 0, "14": -1} and res["correct"] == 3
+
+
+def test_scienceqa_unanswered_and_unparsable_count_wrong_as_the_official(tmp_path):
+    """eval_science_qa.py scores every test problem: one without an answer is FAILED (wrong) with the prompt
+    'Unknown', so it lowers the accuracy but is outside IMG accuracy (the modality is read off the prompt)."""
+    qfile = sqa_fixture(tmp_path)
+    questions, gold = B.load_scienceqa(qfile, str(tmp_path), None, "/sqa")
+    texts = {"10": "BC", "12": "The answer is C.", "13": "", "14": "B"}        # 11 (an image problem) unanswered
+    m = B.score_scienceqa(answers_for(questions, texts), questions, gold, str(tmp_path / "o"), "m")
+    # 10 (answer B of 3): "BC" FAILED; 11 FAILED (no answer); 12 right; 13 (answer A): "" FAILED; 14 right.
+    # Accuracy 2 of the 5 asked test problems; IMG over the answered image problems 10, 14: 1/2
+    assert (m["accuracy"], m["img_accuracy"]) == (pytest.approx(40.0), pytest.approx(50.0))
+    assert (m["n"], m["n_scored"], m["n_img"], m["n_img_unanswered"]) == (4, 5, 2, 1)
+    res = json.load(open(m["results"]))
+    assert res["results"] == {"10": -1, "11": -1, "12": 2, "13": -1, "14": 1}
+    assert (res["correct"], res["count"], res["outputs"]["11"]) == (2, 5, "FAILED")
 
 
 def test_textvqa_matches_by_image_id_and_question(tmp_path):
@@ -336,6 +377,54 @@ def test_pope_per_category_metrics_and_mean_f1(tmp_path):
     # a missing answer does not shift the later ones onto the wrong labels
     part = B.score_pope(answers_for(questions, {k: v for k, v in texts.items() if k != 0}), questions, gold, str(tmp_path / "o"), "m")
     assert (part["categories"]["adversarial"]["TP"], part["categories"]["adversarial"]["FP"]) == (2, 1)
+
+
+def pope_fixture(root, label_edit=None):
+    """Two categories in LLaVA's question file, labels in POPE's JSON lines; label_edit(cat, recs) may change them."""
+    d = root / "pope"
+    qs = [{"question_id": i, "image": f"COCO_val2014_{i % 3:012d}.jpg", "text": f"Is there a {obj} in the image?" + SHORT,
+           "category": cat} for i, (obj, cat) in enumerate([("dog", "random"), ("cat", "popular"), ("car", "random"),
+                                                            ("cup", "popular"), ("bus", "random")])]
+    qfile = write_jsonl(d / "llava_pope_test.jsonl", qs)
+    for cat in ("popular", "random"):
+        recs = [{"question_id": n, "image": q["image"], "text": q["text"][:-len(SHORT)], "label": "no" if n % 2 else "yes"}
+                for n, q in enumerate((q for q in qs if q["category"] == cat), 1)]
+        write_jsonl(d / "coco" / f"coco_pope_{cat}.json", label_edit(cat, recs) if label_edit else recs)
+    return qfile
+
+
+def test_pope_aligned_labels_load_and_score(tmp_path):
+    qfile = pope_fixture(tmp_path)
+    questions, gold = B.load_pope(qfile, str(tmp_path), None, "")
+    assert gold["labels"] == {"popular": ["no", "yes"], "random": ["no", "yes", "no"]}
+    m = B.score_pope(answers_for(questions, {0: "No", 1: "No", 2: "Yes", 3: "Yes", 4: "Yes"}), questions, gold,
+                     str(tmp_path / "o"), "m")
+    # random: no yes yes against no yes no: TP 1, FP 1, TN 1 -> F1 2/3; popular: all right -> F1 1
+    assert m["categories"]["random"]["f1"] == pytest.approx(200 / 3) and m["f1_mean"] == pytest.approx(250 / 3)
+
+
+def _swap_random(cat, recs):                          # another label version: same records, another order
+    return [recs[1], recs[0], recs[2]] if cat == "random" else recs
+
+
+def _retext_random(cat, recs):                        # same image, another object asked about
+    return [recs[0], recs[1] | {"text": "Is there a bench in the image?"}, recs[2]] if cat == "random" else recs
+
+
+@pytest.mark.parametrize("edit,first", [(_swap_random, "question 0"), (_retext_random, "question 2")])
+def test_pope_misaligned_labels_fail_naming_file_question_and_version(tmp_path, edit, first):
+    qfile = pope_fixture(tmp_path, edit)
+    with pytest.raises(DataFileError) as e:
+        B.load_pope(qfile, str(tmp_path), None, "")
+    msg = str(e.value)
+    assert "coco_pope_random.json" in msg and f"random {first} " in msg and "\n" not in msg
+    assert "e3e39262c85a6a83f26cf5094022a782cb0df58d" in msg            # the POPE commit LLaVA's docs pin
+
+
+def test_pope_labels_without_image_or_text_cannot_be_checked(tmp_path):
+    qfile = pope_fixture(tmp_path, lambda cat, recs: [{"label": r["label"]} for r in recs])
+    with pytest.raises(DataFileError, match=r"coco_pope_popular.json.*\['image', 'text'\]"):
+        B.load_pope(qfile, str(tmp_path), None, "")
 
 
 def test_pope_missing_labels_named(tmp_path):
@@ -806,7 +895,7 @@ def test_missing_question_file_is_named(setup, tmp_path):
 def test_missing_annotation_and_image_are_named(setup, tmp_path):
     d = copy_synthetic(setup, tmp_path)
     os.remove(os.path.join(d, "gqa", "testdev_balanced_questions.json"))
-    with pytest.raises(DataFileError, match=r"gqa/testdev_balanced_questions.json: not found"):
+    with pytest.raises(DataFileError, match=r"GQA annotations: none of .*gqa/testdev_balanced_questions.json'\] exists"):
         ev.run(config(setup, tmp_path, data=d, benchmark="gqa"), rank=0, world=1)
     image = json.loads(open(os.path.join(d, "pope", "llava_pope_test.jsonl")).readline())["image"]
     os.remove(os.path.join(tmp_path, "syn", "images", image))
