@@ -1,8 +1,8 @@
 """data.py: everything between files on disk and a training batch.
 
-Top to bottom: tokenizers (tokenizer.json, tiktoken rank files) -> conversation templates -> label
-masking -> image preprocessing -> the LLaVA JSON dataset -> collate and the modality-grouped length
-sampler -> a built-in synthetic multi-domain dataset.
+Top to bottom: tokenizers (tokenizer.model, vocab.json + merges.txt, tiktoken rank files, tokenizer.json)
+-> conversation templates -> label masking -> image preprocessing -> the LLaVA JSON dataset -> collate and
+the modality-grouped length sampler -> a built-in synthetic multi-domain dataset.
 
 It reproduces MoE-LLaVA's data pipeline (reference/moe_llava.md §3): family special tokens (§3.2),
 the plain / phi / qwen / stablelm / v1 templates (§3.3), "<image>" -> IMAGE_TOKEN_INDEX (§3.4), the
@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -30,7 +31,7 @@ from functools import lru_cache
 import torch
 import tokenizers
 from PIL import Image, ImageDraw, ImageFont
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -45,7 +46,7 @@ SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 class DataConfig:
     data_path: str = ""              # LLaVA JSON: a list of {id, image?, conversations} (§3.8)
     image_folder: str = ""           # the "image" paths in the JSON are relative to this folder
-    tokenizer_path: str = ""         # a tokenizers tokenizer.json (rank files: Tokenizer.from_tiktoken)
+    tokenizer_path: str = ""         # a model dir or tokenizer file: what Tokenizer.load reads
     tokenizer_family: str = "phi"    # phi | qwen | stablelm | llama: special-token conventions (§3.2)
     template: str = "phi"            # a key of TEMPLATES (§3.3)
     image_processor: str = "clip"    # clip: shortest side + center crop | siglip: square resize (§3.6)
@@ -73,6 +74,25 @@ class DataConfig:
         self.image_mean = tuple(self.image_mean or (CLIP_MEAN if clip else SIGLIP_MEAN))
         self.image_std = tuple(self.image_std or (CLIP_STD if clip else SIGLIP_STD))
 
+    def to_checkpoint(self) -> dict:
+        """What train.py saves as config.json["data"]: every field that changes how a sample is tokenized, cut
+        or preprocessed, so that eval.py prepares its inputs as training did."""
+        return {k: getattr(self, k) for k in CHECKPOINT_FIELDS}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> tuple["DataConfig", list[str]]:
+        """The config a checkpoint's "data" dict describes, and the CHECKPOINT_FIELDS it lacks (checkpoints
+        saved before a field was), which keep their defaults."""
+        missing = [k for k in CHECKPOINT_FIELDS if k not in saved]
+        return cls(**{k: saved[k] for k in CHECKPOINT_FIELDS if k in saved}), missing
+
+
+# The preprocessing a checkpoint carries. The rest of DataConfig is where the training data lives
+# (data_path, image_folder, tokenizer_path: the tokenizer itself is saved as tokenizer.json) and how bad
+# samples are handled (check_images_exist, strict).
+CHECKPOINT_FIELDS = ("template", "tokenizer_family", "image_processor", "image_size", "image_aspect", "resize_backend",
+                     "image_mean", "image_std", "max_length", "overlength", "max_images")
+
 
 class DataError(ValueError):
     """A sample that cannot be used. `reason` is a short key that the report counts by."""
@@ -82,6 +102,13 @@ class DataError(ValueError):
 
 # -----------------------------------------------------------------------------
 # Tokenizers
+#
+# Tokenizer.load reads the files checkpoints ship and encodes as the tokenizer the original projects train
+# with: LLaVA and MoE-LLaVA load theirs with use_fast=False (transformers 4.37 for MoE-LLaVA), so a Llama /
+# Vicuna checkpoint holds a SentencePiece tokenizer.model, a Phi-2 one GPT-2-style vocab.json + merges.txt +
+# added_tokens.json, Qwen-1 and StableLM-2 tiktoken rank files. Each becomes a tokenizers.Tokenizer: one
+# engine encodes them all (with the character offsets the label masks need), and train.py saves whichever it
+# was as tokenizer.json with every checkpoint.
 
 # Pre-tokenization regex of Qwen-1's qwen.tiktoken; StableLM-2's Arcade100k uses the same one.
 QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
@@ -159,6 +186,172 @@ def tiktoken_to_tokenizers(ranks: dict[bytes, int], special_tokens: list[str], s
     return tk
 
 
+def read_json(folder: str, name: str) -> dict:
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def gpt2_to_tokenizers(vocab_path: str, merges_path: str) -> tokenizers.Tokenizer:
+    """GPT-2-style slow tokenizer files (Phi-2's CodeGenTokenizer) as a tokenizers BPE with the same ids.
+
+    The slow tokenizer ranks the merges by line of merges.txt, read as lines [1:-1] (the "#version" line and
+    the empty string after the final newline are no merges); splits the text with GPT-2's regex, which is
+    ByteLevel's with use_regex, and no prefix space; and merges, in each piece, the pair of the lowest rank
+    until no pair has one (all its occurrences left to right, which ends where tokenizers' one-at-a-time,
+    leftmost-first merging does). Added tokens come from read_added_tokens.
+    """
+    with open(vocab_path, encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(merges_path, encoding="utf-8") as f:
+        lines = f.read().split("\n")[1:-1]
+    merges = [tuple(line.split()) for line in lines if len(line.split()) == 2]
+    tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    return tk
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        b = buf[i]
+        n, i, shift = n | (b & 0x7F) << shift, i + 1, shift + 7
+        if b < 0x80:
+            return n, i
+
+
+def protobuf_fields(buf: bytes) -> list[tuple[int, int | bytes]]:
+    """(field number, value) of one serialized protobuf message, in order: varints as ints, length-delimited
+    and fixed-size (32-, 64-bit) fields as their bytes."""
+    fields, i = [], 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        else:
+            if wire == 2:
+                n, i = _varint(buf, i)
+            elif wire in (1, 5):
+                n = 8 if wire == 1 else 4
+            else:
+                raise ValueError(f"protobuf wire type {wire} (field {number}) is not one a SentencePiece model uses")
+            value, i = buf[i:i + n], i + n
+        fields.append((number, value))
+    return fields
+
+
+# The fields of SentencePiece's ModelProto (sentencepiece_model.proto) read here, with their proto2 defaults:
+# 1 pieces {1 piece, 2 score (float), 3 type}, 2 trainer_spec, 3 normalizer_spec.
+SP_NORMAL, SP_UNKNOWN, SP_CONTROL, SP_USER_DEFINED, SP_UNUSED, SP_BYTE = 1, 2, 3, 4, 5, 6     # piece types
+SP_TRAINER = {3: ("model_type", 1), 24: ("treat_whitespace_as_suffix", 0), 35: ("byte_fallback", 0)}
+SP_NORMALIZER = {2: ("precompiled_charsmap", b""), 3: ("add_dummy_prefix", 1), 4: ("remove_extra_whitespaces", 1),
+                 5: ("escape_whitespaces", 1)}
+SP_MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
+
+
+def read_sentencepiece(path: str) -> tuple[list[tuple[str, float, int]], dict, dict]:
+    """A SentencePiece .model file: its pieces [(piece, score, type)] in id order, trainer and normalizer specs."""
+    with open(path, "rb") as f:
+        model = protobuf_fields(f.read())
+    pieces = []
+    for number, value in model:
+        if number == 1:
+            p = dict(protobuf_fields(value))
+            pieces.append((p.get(1, b"").decode("utf-8"), struct.unpack("<f", p[2])[0] if 2 in p else 0.0,
+                           p.get(3, SP_NORMAL)))
+
+    def spec(number, names):
+        saved = dict(protobuf_fields(dict(model).get(number, b"")))
+        return {name: saved.get(k, default) for k, (name, default) in names.items()}
+    return pieces, spec(2, SP_TRAINER), spec(3, SP_NORMALIZER)
+
+
+def sentencepiece_to_tokenizers(path: str) -> tokenizers.Tokenizer:
+    """A SentencePiece BPE tokenizer.model (Llama, Vicuna, Mistral) as a tokenizers BPE that encodes as
+    transformers' slow LlamaTokenizer with legacy=True, as LLaVA and MoE-LLaVA (transformers 4.37) run it:
+
+      * the text is cut at the added tokens (<unk> <s> </s>, and those of read_added_tokens), the longest
+        first, and the whitespace around them is left alone;
+      * every other piece is encoded by SentencePiece on its own, whose normalizer writes " " as "▁" and puts a
+        "▁" in front of the piece (add_dummy_prefix): "</s>USER" -> "</s>", "▁USER"; data.py's chunk "\nWhat"
+        after an "<image>" -> "▁", "<0x0A>", "What"; the empty chunk after a trailing "<image>" -> nothing.
+        Llama's normalizer is the identity and keeps every space, so " a" is "▁▁a" and runs stay runs;
+      * BPE over the whole piece (no pre-tokenization): merge the adjacent pair whose concatenation is a piece
+        of the highest score, the leftmost on a tie, until none is; a symbol that is no piece becomes the
+        <0xXX> pieces of its UTF-8 bytes (byte_fallback).
+
+    In tokenizers: a normalizer that prepends "▁" and replaces " " (run on each piece between added tokens,
+    which are not normalized), no pre-tokenizer, and a merge list of every split of every piece into two
+    pieces, ranked by that piece's score. Two splits of one piece rank apart where SentencePiece ties them
+    and takes the leftmost; that could only matter for overlapping pairs ([ab][a][ba] -> "aba").
+    tokenizer_config.json's "legacy" is not read. legacy=False (transformers' later default) puts no "▁" after
+    an added token; transformers 5's conversion (a Metaspace pre-tokenizer) adds no "▁" to a piece that
+    already starts with a space, so " a" loses one. Models set up otherwise than Llama's are refused.
+    """
+    pieces, trainer, normalizer = read_sentencepiece(path)
+    if trainer["model_type"] != 2:
+        raise ValueError(f"{path}: a SentencePiece {SP_MODEL_TYPES.get(trainer['model_type'], '?')} model; "
+                         "only BPE models (Llama, Vicuna, Mistral) are read")
+    unlike_llama = [what for what, is_set in (
+        ("a normalization rule (precompiled_charsmap)", normalizer["precompiled_charsmap"]),
+        ("remove_extra_whitespaces", normalizer["remove_extra_whitespaces"]),
+        ("escape_whitespaces off", not normalizer["escape_whitespaces"]),
+        ("treat_whitespace_as_suffix", trainer["treat_whitespace_as_suffix"]),
+        ("user-defined or unused pieces", any(t in (SP_USER_DEFINED, SP_UNUSED) for _, _, t in pieces))) if is_set]
+    if unlike_llama:
+        raise ValueError(f"{path}: {', '.join(unlike_llama)}: not set up as Llama's SentencePiece model, the one read here")
+    vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+    score = {piece: s for piece, s, t in pieces if t == SP_NORMAL}
+    merges = [(p[:k], p[k:]) for p in sorted(score, key=lambda p: -score[p])      # stable: equal scores by id
+              for k in range(1, len(p)) if p[:k] in score and p[k:] in score]
+    unk = next((piece for piece, _, t in pieces if t == SP_UNKNOWN), None)
+    tk = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                                         byte_fallback=bool(trainer["byte_fallback"])))
+    prefix = bool(normalizer["add_dummy_prefix"])
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁")] * prefix + [normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                   + [decoders.Strip(" ", 1, 0)] * prefix)
+    tk.add_special_tokens([AddedToken(piece, special=True, normalized=False)
+                           for piece, _, t in pieces if t in (SP_UNKNOWN, SP_CONTROL)])
+    return tk
+
+
+def read_added_tokens(folder: str) -> list[tuple[int | None, AddedToken]]:
+    """(id, token) of the tokens a slow tokenizer adds to its vocabulary file, as transformers reads a saved
+    folder: tokenizer_config.json's "added_tokens_decoder" (saved since transformers 4.34, with each token's
+    flags), else added_tokens.json ({content: id}), special if special_tokens_map.json names it; a special
+    token named there but in neither file (Phi-2's <|endoftext|>, in vocab.json) comes with id None. The slow
+    tokenizers cut the text at these before encoding it, as tokenizers does with non-normalized added tokens
+    (normalized ones would be looked for after the "▁" prefix, in SentencePiece's case)."""
+    config = read_json(folder, "tokenizer_config.json")
+    if "added_tokens_decoder" in config:
+        return [(int(i), AddedToken(t["content"], single_word=t.get("single_word", False), lstrip=t.get("lstrip", False),
+                                    rstrip=t.get("rstrip", False), normalized=False, special=t.get("special", False)))
+                for i, t in sorted(config["added_tokens_decoder"].items(), key=lambda kv: int(kv[0]))]
+    named = list(read_json(folder, "special_tokens_map.json").values())
+    named += [config.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
+    specials = {t["content"] if isinstance(t, dict) else t for v in named for t in (v if isinstance(v, list) else [v]) if t}
+    added = read_json(folder, "added_tokens.json")
+    return ([(i, AddedToken(t, normalized=False, special=t in specials)) for t, i in sorted(added.items(), key=lambda kv: kv[1])]
+            + [(None, AddedToken(t, normalized=False, special=True)) for t in sorted(specials - set(added))])
+
+
+def add_tokens(tk: tokenizers.Tokenizer, tokens: list[tuple[int | None, AddedToken]], where: str):
+    """Add read_added_tokens' tokens in id order: a token of the vocabulary file keeps its id, a new one takes
+    the next, which must be the id the files give it."""
+    for i, token in tokens:
+        if i is None and tk.token_to_id(token.content) is None:
+            continue              # named special, in no file: Tokenizer adds the family's unk itself (§3.2)
+        (tk.add_special_tokens if token.special else tk.add_tokens)([token])
+        if i is not None and tk.token_to_id(token.content) != i:
+            raise ValueError(f"{where}: added token {token.content!r} has id {i} there but would get "
+                             f"{tk.token_to_id(token.content)} (new ids follow the vocabulary's, in order)")
+
+
 def train_bpe_tokenizer(texts, vocab_size: int, special_tokens: list[str]) -> tokenizers.Tokenizer:
     """A small byte-level BPE (GPT-2 pre-tokenizer: a space sticks to the word after it, as in phi/qwen)."""
     tk = tokenizers.Tokenizer(models.BPE())
@@ -199,21 +392,40 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str, family: str) -> "Tokenizer":
-        """A tokenizer.json, a tiktoken rank file (Qwen-1's qwen.tiktoken, StableLM-2's arcade100k.tiktoken),
-        or a model dir holding one of them."""
-        if os.path.isdir(path):
-            names = sorted(os.listdir(path))
-            found = "tokenizer.json" if "tokenizer.json" in names else next((n for n in names if n.endswith(".tiktoken")), None)
-            if found is None:
-                raise FileNotFoundError(f"{path}: no tokenizer.json or *.tiktoken file")
-            path = os.path.join(path, found)
-        if not path.endswith(".tiktoken"):
-            return cls.from_file(path, family)
-        if family == "qwen":
-            return cls.from_tiktoken(path, family, QWEN_SPECIALS)
-        if family == "stablelm":
-            return cls.from_tiktoken(path, family, ARCADE100K_SPECIALS, special_start=100257)
-        raise ValueError(f"{path}: a tiktoken file needs tokenizer_family 'qwen' or 'stablelm', not {family!r}")
+        """A tokenizer file, or a model dir holding one; in a dir, the first found of
+          tokenizer.model            SentencePiece BPE (Llama, Vicuna, Mistral): sentencepiece_to_tokenizers
+          vocab.json + merges.txt    GPT-2-style byte-level BPE (Phi-2): gpt2_to_tokenizers
+          *.tiktoken                 Qwen-1's qwen.tiktoken, StableLM-2's arcade100k.tiktoken (by family)
+          tokenizer.json             a tokenizers file: HF fast tokenizers, and what train.py saves
+        The slow files come first because they are what LLaVA and MoE-LLaVA load (use_fast=False); the added
+        tokens of the first two come from the dir's json files (read_added_tokens). train.py and eval.py both
+        load through here."""
+        folder, name = (path, None) if os.path.isdir(path) else os.path.split(path)
+        if name is None:
+            names = sorted(os.listdir(folder))
+            name = next((n for n in ("tokenizer.model", "vocab.json") if n in names), None) or next(
+                (n for n in names if n.endswith(".tiktoken")), "tokenizer.json" if "tokenizer.json" in names else None)
+            if name is None:
+                raise FileNotFoundError(f"{path}: no tokenizer.model, vocab.json + merges.txt, *.tiktoken or tokenizer.json")
+        file = os.path.join(folder, name)
+        if name.endswith(".tiktoken"):
+            if family == "qwen":
+                return cls.from_tiktoken(file, family, QWEN_SPECIALS)
+            if family == "stablelm":
+                return cls.from_tiktoken(file, family, ARCADE100K_SPECIALS, special_start=100257)
+            raise ValueError(f"{file}: a tiktoken file needs tokenizer_family 'qwen' or 'stablelm', not {family!r}")
+        if name.endswith(".model"):
+            tk = sentencepiece_to_tokenizers(file)
+        elif name in ("vocab.json", "merges.txt"):
+            if not all(os.path.isfile(os.path.join(folder, n)) for n in ("vocab.json", "merges.txt")):
+                raise FileNotFoundError(f"{folder}: a GPT-2-style tokenizer needs both vocab.json and merges.txt")
+            if read_json(folder, "tokenizer_config.json").get("add_prefix_space"):
+                raise ValueError(f"{folder}/tokenizer_config.json: add_prefix_space=true is not supported (Phi-2's is false)")
+            tk = gpt2_to_tokenizers(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
+        else:
+            return cls.from_file(file, family)
+        add_tokens(tk, read_added_tokens(folder), folder)
+        return cls(tk, family)
 
     @classmethod
     def from_tiktoken(cls, path: str, family: str, special_tokens: list[str], special_start: int | None = None,

@@ -49,8 +49,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from benchmarks import BENCHMARKS, DataFileError, read_json, record_key
-from data import (ARCADE100K_SPECIALS, QWEN_SPECIALS, TEMPLATES, DataConfig, LlavaJsonDataset, Tokenizer,
-                  check_template, collate, load_image, process_image)
+from data import (TEMPLATES, DataConfig, LlavaJsonDataset, Tokenizer, check_template, collate, load_image, process_image)
 from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaModel
 from moe import LoRAExperts, MoELayer
 from stgc import STGCConfig, find_conflicts
@@ -75,7 +74,7 @@ class EvalConfig:
     questions: dict = field(default_factory=dict)     # benchmark -> a question file replacing the official one
     annotations: dict = field(default_factory=dict)   # benchmark -> annotation file (a dir for pope and mme)
     template: str = ""                 # conversation template (default: the checkpoint's, or from its model_type)
-    tokenizer: str = ""                # tokenizer.json / *.tiktoken (default: found in the checkpoint dir)
+    tokenizer: str = ""                # a tokenizer file or dir (default: the checkpoint dir), read as train.py does
     device: str = "auto"               # auto: cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
     dtype: str = "auto"                # auto: bfloat16 on CUDA, float32 on CPU
     workers: int = 0                   # DataLoader workers decoding and preprocessing images
@@ -97,21 +96,6 @@ class EvalConfig:
         assert self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}"
 
 
-def load_tokenizer(path: str, family: str) -> Tokenizer:
-    """A tokenizer.json, or the tiktoken rank files Qwen-1 and StableLM-2 ship (data.py converts them)."""
-    if os.path.isdir(path):
-        found = [os.path.join(path, n) for n in ("tokenizer.json", "qwen.tiktoken", "arcade100k.tiktoken")
-                 if os.path.isfile(os.path.join(path, n))]
-        if not found:
-            raise FileNotFoundError(f"{path}: no tokenizer.json, qwen.tiktoken or arcade100k.tiktoken; pass --tokenizer FILE")
-        path = found[0]
-    if path.endswith("qwen.tiktoken"):
-        return Tokenizer.from_tiktoken(path, "qwen", QWEN_SPECIALS)
-    if path.endswith("arcade100k.tiktoken"):
-        return Tokenizer.from_tiktoken(path, "stablelm", ARCADE100K_SPECIALS, special_start=100257)
-    return Tokenizer.from_file(path, family)
-
-
 def load_model(cfg: EvalConfig, device):
     """(model, tokenizer, DataConfig, template). Our checkpoints carry their preprocessing in config.json
     ["data"]; for HF LLaVA / MoE-LLaVA dirs it follows MoE-LLaVA's conventions (§3.2, §3.3, §3.6)."""
@@ -123,20 +107,23 @@ def load_model(cfg: EvalConfig, device):
     data_cfg = checkpoint_data_config(config, model.cfg.vision)
     if cfg.template:
         data_cfg = replace(data_cfg, template=cfg.template)
-    tok = load_tokenizer(cfg.tokenizer or cfg.checkpoint, data_cfg.tokenizer_family)
+    tok = Tokenizer.load(cfg.tokenizer or cfg.checkpoint, data_cfg.tokenizer_family)      # train.py's loader
     template = TEMPLATES[data_cfg.template]
     check_template(tok, template)
     return model, tok, data_cfg, template
 
 
 def checkpoint_data_config(config: dict, vision) -> DataConfig:
-    """Ours: the "data" dict train.py saves. HF LLaVA / MoE-LLaVA: the template and tokenizer family of the
-    LLM (phi / stablelm / qwen, MoE-LLaVA's conv modes; vicuna_v1 for LLaVA-1.5), the tower's processor and
+    """Ours: the "data" dict train.py saves (DataConfig.to_checkpoint); fields a checkpoint saved before they
+    existed keep their defaults, with a warning. HF LLaVA / MoE-LLaVA: the template and tokenizer family of
+    the LLM (phi / stablelm / qwen, MoE-LLaVA's conv modes; vicuna_v1 for LLaVA-1.5), the tower's processor and
     size, and image_aspect_ratio (MoE-LLaVA sets 'pad')."""
     if config.get("format") == "moe-vlm":
-        keys = ("template", "tokenizer_family", "image_processor", "image_size", "image_aspect", "resize_backend",
-                "image_mean", "image_std")
-        return DataConfig(**{k: v for k, v in config.get("data", {}).items() if k in keys})
+        data_cfg, missing = DataConfig.from_checkpoint(config.get("data", {}))
+        if missing:
+            print(f"warning: the checkpoint's data config has no {', '.join(missing)}; using the defaults "
+                  f"({', '.join(f'{k}={getattr(data_cfg, k)!r}' for k in missing)})", file=sys.stderr)
+        return data_cfg
     model_type = config.get("model_type", "")
     family = next((f for f in ("phi", "stablelm", "qwen") if f in model_type), "llama")
     aspect = config.get("image_aspect_ratio", "pad")
@@ -510,7 +497,9 @@ def conflict_statistics(model, tok, data_cfg, cfg: EvalConfig, device) -> dict:
                             "mean_cos": ratio(cos[j, e], pairs[j, e])} for e in range(E)],
             "per_kind": {k: {"pairs": int(kind_pairs[j, n]), "conflict_ratio": ratio(kind_conflicts[j, n], kind_pairs[j, n])}
                          for n, k in enumerate(KINDS)}})
-    return {"split": cfg.conflicts, "samples": used, "grad_source": "bias", "threshold": 0.0, "layers": out_layers,
+    # definition: the LM-loss gradient at each MoE layer's output, as stgc.py's reference (not the fast path's)
+    return {"split": cfg.conflicts, "samples": used, "grad_source": "bias", "threshold": 0.0, "definition": "lm_loss",
+            "layers": out_layers,
             "skipped": ds.report() if ds.stats.skipped else ""}
 
 # -----------------------------------------------------------------------------

@@ -513,8 +513,7 @@ def main(argv=None):
                                                           find_unused_parameters=cfg.moe.impl == "loop",
                                                           gradient_as_bucket_view=True)
     optimizer = torch.optim.AdamW(param_groups(raw, tc), lr=tc.lr, betas=tuple(tc.adam_betas), fused=device.type == "cuda")
-    extra = {"data": {k: getattr(cfg.data, k) for k in ("template", "tokenizer_family", "image_processor", "image_size",
-                                                         "image_aspect", "max_length")}, "train_config": asdict(cfg)}
+    extra = {"data": cfg.data.to_checkpoint(), "train_config": asdict(cfg)}     # eval preprocesses as training did
     ctx = Context(cfg, model, raw, optimizer, sampler, rank, world, device, extra, tokenizer,
                   STGC(cfg.stgc) if cfg.stgc.enabled and tc.stage in ("moe", "mole") else None)
     step, epoch, consumed = 0, 0, 0

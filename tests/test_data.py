@@ -774,5 +774,46 @@ def test_tokenizer_load_from_dir_or_file(tmp_path):
     tk.save(str(tmp_path / "tokenizer.json"))
     a, b = Tokenizer.load(str(tmp_path), "phi"), Tokenizer.load(str(tmp_path / "tokenizer.json"), "phi")
     assert a.encode("red chat") == b.encode("red chat") and a.eos_id == b.eos_id
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer.model, vocab.json \+ merges.txt, \*.tiktoken or tokenizer.json"):
         (tmp_path / "empty").mkdir() or Tokenizer.load(str(tmp_path / "empty"), "phi")
+
+
+# -----------------------------------------------------------------------------
+# The data config a checkpoint carries (issue 14, item 6): eval preprocesses and tokenizes as training did
+
+# Every DataConfig field that changes how a sample is tokenized, cut or preprocessed.
+PREPROCESSING = ("template", "tokenizer_family", "image_processor", "image_size", "image_aspect", "resize_backend",
+                 "image_mean", "image_std", "max_length", "overlength", "max_images")
+
+
+def test_checkpoint_carries_the_whole_data_config_and_eval_reads_it(synthetic, tmp_path, capsys):
+    import eval as ev
+    import train
+    from model import VisionConfig
+    out, paths = synthetic
+    chosen = ["--data.resize_backend=tensor", "--data.image_mean=[0.25,0.5,0.75]", "--data.image_std=[0.2,0.3,0.4]",
+              "--data.image_aspect=square", "--data.max_length=300", "--data.overlength=skip", "--data.max_images=3"]
+    cfg = train.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.toml"), chosen)
+    saved = train.main(["--config", os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.toml"), *chosen,
+                        f"--data.data_path={paths['train.json']}", f"--data.image_folder={paths['image_folder']}",
+                        f"--data.tokenizer_path={paths['tokenizer.json']}", "--train.max_steps=1",
+                        "--train.global_batch_size=4", f"--train.out_dir={tmp_path / 'run'}"])
+    config = json.load(open(os.path.join(saved, "config.json")))
+    capsys.readouterr()
+    got = ev.checkpoint_data_config(config, VisionConfig(image_size=32, patch_size=8))
+    assert {k: getattr(got, k) for k in PREPROCESSING} == {k: getattr(cfg.data, k) for k in PREPROCESSING}
+    assert capsys.readouterr().err == ""                                # nothing missing: no warning
+
+
+def test_old_checkpoint_data_config_falls_back_with_a_warning(capsys):
+    """Checkpoints saved before these fields were: the defaults, and one line saying which were missing."""
+    import eval as ev
+    from model import VisionConfig
+    old = {"format": "moe-vlm", "data": {"template": "phi", "tokenizer_family": "phi", "image_processor": "siglip",
+                                         "image_size": 32, "image_aspect": "pad", "max_length": 256}}
+    got = ev.checkpoint_data_config(old, VisionConfig(image_size=32, patch_size=8))
+    assert (got.image_processor, got.max_length, got.resize_backend) == ("siglip", 256, "pil")
+    assert (got.image_mean, got.image_std) == (data.SIGLIP_MEAN, data.SIGLIP_STD)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(k in err for k in ("resize_backend", "image_mean", "image_std", "overlength",
+                                                           "max_images"))

@@ -710,6 +710,7 @@ def test_conflict_statistics_match_find_conflicts(setup, full_run):
     out, _ = full_run
     stats = json.load(open(out / "analysis" / "conflicts.json"))
     assert stats["samples"] == 4 and [l["layer"] for l in stats["layers"]] == [0, 2]
+    assert stats["definition"] == "lm_loss"                            # which gradient the statistics are of
     # recompute the single batch (conflict_samples = batch_size = 4) directly
     cfg = config(setup, out)
     model, tok, data_cfg, _ = ev.load_model(cfg, torch.device("cpu"))
