@@ -36,6 +36,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from moe import check_choice
 
 IMAGE_PLACEHOLDER = "<image>"  # DEFAULT_IMAGE_TOKEN (§3.1)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -68,8 +69,7 @@ class DataConfig:
         for name, allowed in (("image_processor", ("clip", "siglip")), ("image_aspect", ("pad", "square")),
                               ("resize_backend", ("pil", "tensor")), ("overlength", ("truncate", "skip")),
                               ("template", tuple(TEMPLATES)), ("tokenizer_family", tuple(FAMILIES))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"data.{name}={getattr(self, name)!r}; expected one of {allowed}")
+            check_choice(f"data.{name}", getattr(self, name), allowed)
         clip = self.image_processor == "clip"
         self.image_mean = tuple(self.image_mean or (CLIP_MEAN if clip else SIGLIP_MEAN))
         self.image_std = tuple(self.image_std or (CLIP_STD if clip else SIGLIP_STD))

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from moe import MoEConfig, apply_attention_lora, make_moe_mlp, routers_to_fp32
+from moe import MoEConfig, apply_attention_lora, check_choice, make_moe_mlp, routers_to_fp32
 
 IGNORE_INDEX = -100        # label value the loss ignores (MoE-LLaVA constants.py)
 IMAGE_TOKEN_INDEX = -200   # input id standing for one image's features (MoE-LLaVA constants.py)
@@ -69,15 +69,17 @@ class VisionConfig:
     select_feature: str = "patch"      # 'patch' drops token 0 (also for SigLIP: 728 tokens, MoE-LLaVA parity)
 
     def __post_init__(self):
-        assert self.kind in ("clip", "siglip"), f"unknown vision kind {self.kind!r}"
-        assert self.select_feature in ("patch", "cls_patch"), f"unknown select_feature {self.select_feature!r}"
-        assert self.act in ACTIVATIONS, f"unknown activation {self.act!r}"
+        check_choice("model.vision.kind", self.kind, ("clip", "siglip"))
+        check_choice("model.vision.select_feature", self.select_feature, ("patch", "cls_patch"))
+        check_choice("model.vision.act", self.act, ACTIVATIONS)
         self.num_patches = (self.image_size // self.patch_size) ** 2
         self.num_positions = self.num_patches + (self.kind == "clip")
         # hidden_states has num_layers + 1 entries; only the blocks up to select_layer are ever run, so
         # only those are built (the skipped blocks and post-LN are documented ignorable checkpoint keys).
         n = self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
-        assert 0 <= n <= self.num_layers, f"select_layer {self.select_layer} out of range for {self.num_layers} layers"
+        if not 0 <= n <= self.num_layers:
+            raise ValueError(f"model.vision.select_layer={self.select_layer} out of range for num_layers={self.num_layers} "
+                             f"(-{self.num_layers + 1}..{self.num_layers})")
         self.num_layers_run = n
         self.num_features = self.num_positions - (self.select_feature == "patch")   # P: 576 CLIP-336, 728 SigLIP-384
 
@@ -130,15 +132,17 @@ class LMConfig:
     def __post_init__(self):
         if isinstance(self.moe, dict):                                 # from a saved config JSON
             self.moe = MoEConfig(**self.moe)
-        assert self.family in ("llama", "stablelm", "phi", "qwen"), f"unknown LM family {self.family!r}"
-        assert self.norm in ("rmsnorm", "layernorm") and self.mlp in ("swiglu", "gelu")
-        assert self.act in ACTIVATIONS, f"unknown activation {self.act!r}"
+        check_choice("model.lm.family", self.family, ("llama", "stablelm", "phi", "qwen"))
+        check_choice("model.lm.norm", self.norm, ("rmsnorm", "layernorm"))
+        check_choice("model.lm.mlp", self.mlp, ("swiglu", "gelu"))
+        check_choice("model.lm.act", self.act, ACTIVATIONS)
         self.num_kv_heads = self.num_kv_heads or self.num_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_heads
-        assert self.num_heads % self.num_kv_heads == 0, f"{self.num_heads} heads not divisible into {self.num_kv_heads} kv heads"
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model.lm.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         self.rotary_dim = int(self.head_dim * self.partial_rotary_factor)
         rope_type = self.rope_scaling.get("rope_type", "default")
-        assert rope_type in ("default", "linear", "llama3"), f"unsupported rope_type {rope_type!r}"
+        check_choice("model.lm.rope_scaling.rope_type", rope_type, ("default", "linear", "llama3"))
 
     @classmethod
     def from_hf(cls, cfg: dict):
@@ -219,6 +223,7 @@ class LlavaConfig:
     def __post_init__(self):                                           # from a saved config JSON
         self.vision = VisionConfig(**self.vision) if isinstance(self.vision, dict) else self.vision
         self.lm = LMConfig(**self.lm) if isinstance(self.lm, dict) else self.lm
+        check_choice("model.projector", self.projector, ("mlp2x_gelu", "linear"))
 
 # -----------------------------------------------------------------------------
 # 2. Vision tower

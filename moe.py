@@ -28,6 +28,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 FFN_PROJECTIONS = {"swiglu": ("gate_proj", "up_proj", "down_proj"), "gelu": ("fc1", "fc2")}
+LAYER_PLACEMENTS = ("sparse", "first_half", "second_half", "dense")   # MoE-LLaVA's moe_mode names
+
+
+def check_choice(key: str, value, allowed):
+    """A config enum check that survives `python -O` (no assert) and says what would have been accepted; every
+    config dataclass uses it (this module imports nothing of ours, so all of them can import it)."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not one of {allowed}")
 
 
 @dataclass
@@ -54,21 +63,31 @@ class MoEConfig:
     attn_lora_rank: int = 0            # >0: plain LoRA on q/k/v/o (UNVERIFIED which projections the paper uses)
 
     def __post_init__(self):
-        assert self.kind in ("ffn", "lora"), f"unknown MoE kind {self.kind!r}"
-        assert self.second_expert in ("top2", "gumbel") and self.impl in ("fast", "grouped", "padded", "loop")
-        assert 1 <= self.top_k <= self.num_experts, f"top_k {self.top_k} vs {self.num_experts} experts"
-        assert self.kind == "lora" or self.num_experts > 1, "an 'ffn' MoE needs at least 2 experts"
-        assert self.kind == "ffn" or self.top_k == 1, "LLaVA-MoLE routes each token to one LoRA expert: set top_k=1"
+        check_choice("moe.kind", self.kind, ("ffn", "lora"))
+        check_choice("moe.second_expert", self.second_expert, ("top2", "gumbel"))
+        check_choice("moe.impl", self.impl, ("fast", "grouped", "padded", "loop"))
+        # checked here, at parse time, not when the model is built; only the indices' upper bound needs the model
+        if isinstance(self.layers, (list, tuple)):
+            if not all(type(i) is int and i >= 0 for i in self.layers):
+                raise ValueError(f"moe.layers={self.layers!r}: a list of layer indices must hold ints >= 0")
+        elif self.layers not in LAYER_PLACEMENTS:
+            raise ValueError(f"moe.layers={self.layers!r} is not one of {LAYER_PLACEMENTS} or a list of layer indices")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"moe.top_k={self.top_k} must be in 1..moe.num_experts={self.num_experts}")
+        if self.kind == "ffn" and self.num_experts < 2:
+            raise ValueError(f"moe.num_experts={self.num_experts}: an 'ffn' MoE needs at least 2 experts")
+        if self.kind == "lora" and self.top_k != 1:
+            raise ValueError(f"moe.top_k={self.top_k}: LLaVA-MoLE routes each token to one LoRA expert; set top_k=1")
 
     def layer_indices(self, num_layers: int) -> list:
         """Which decoder layers get an MoE (reference §1.4; MoE-LLaVA's moe_mode)."""
         if isinstance(self.layers, (list, tuple)):
-            assert all(0 <= i < num_layers for i in self.layers), f"MoE layers {self.layers} out of range"
+            if not all(i < num_layers for i in self.layers):
+                raise ValueError(f"moe.layers={list(self.layers)} out of range for {num_layers} layers (0..{num_layers - 1})")
             return sorted(self.layers)
         modes = {"sparse": range(0, num_layers, 2), "first_half": range(num_layers // 2),
                  "second_half": range(num_layers // 2, num_layers), "dense": range(num_layers)}
-        assert self.layers in modes, f"unknown MoE layer placement {self.layers!r}"
-        return list(modes[self.layers])
+        return list(modes[self.layers])                               # a valid name: __post_init__ checked it
 
     @classmethod
     def from_moe_llava(cls, moe: dict, num_layers: int):
