@@ -6,7 +6,8 @@ demo.py: the whole method, end to end, on a laptop CPU in minutes.
 
 1. data      data.build_synthetic_dataset: 48-pixel scenes of coloured shapes in a 2x2 grid and seven kinds
              of questions about them (colour, counting, position, reading a word, POPE-style existence,
-             multiple choice, text-only arithmetic), plus eval files in the real benchmarks' formats.
+             multiple choice, text-only arithmetic), plus eval files in the real benchmarks' formats;
+             rebuilt when --data holds a set built with other sizes (--quick's, say).
 2. stage I   captions of the training images; every weight trains, because the tower and the LLM start
              from random weights here (the papers train only the projector on top of pretrained ones).
 3. stage II  instruction tuning on the seven domains; the LLM, projector and tower train.
@@ -23,6 +24,7 @@ Outputs: <out>/stage{1,2,3}/ (checkpoints, log.jsonl), <out>/eval_*/ (answers, r
 import argparse
 import json
 import os
+import shutil
 import statistics
 import time
 
@@ -47,10 +49,35 @@ DOMAINS = ("color", "count", "spatial", "ocr", "pope", "mc", "text")
 QUICK = ["--train.max_steps=2", "--train.global_batch_size=4", "--train.micro_batch_size=2"]
 
 
-def build_data(data_dir: str, quick: bool) -> str:
-    if not os.path.isfile(os.path.join(data_dir, "meta.json")):
-        sizes = dict(n_train=64, n_val=8, n_test=16) if quick else {}
-        build_synthetic_dataset(data_dir, seed=0, **sizes)
+DATA = dict(seed=0, n_train=4000, n_val=200, n_test=400, image_size=48)      # build_synthetic_dataset's defaults
+QUICK_DATA = DATA | dict(n_train=64, n_val=8, n_test=16)
+
+
+def built_with(data_dir: str) -> dict | None:
+    """The parameters the synthetic set in data_dir was built with, read back from its meta.json (the sizes
+    are its per-split domain counts); None when there is no complete set (the tokenizer is written last)."""
+    if not all(os.path.isfile(os.path.join(data_dir, n)) for n in ("meta.json", "tokenizer.json")):
+        return None
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        meta = json.load(f)
+    splits = meta.get("splits", {})
+    return {"seed": meta.get("seed"), "image_size": meta.get("image_size")} | {
+        f"n_{s}": sum(splits.get(s, {}).values()) for s in ("train", "val", "test")}
+
+
+def build_data(data_dir: str, params: dict) -> str:
+    """Build the synthetic set into data_dir unless the one there was built with these parameters; a set built
+    with others (`--quick`'s, then the full demo's) is rebuilt, and the line says so."""
+    have = built_with(data_dir)
+    if have == params:
+        print(f"demo: using the synthetic set in {data_dir} ({params})")
+        return data_dir
+    if have is not None:
+        differ = ", ".join(f"{k}={have.get(k)} (asked {v})" for k, v in params.items() if have.get(k) != v)
+        print(f"demo: the synthetic set in {data_dir} was built with {differ}: rebuilding it")
+        for sub in ("images", "eval"):                  # no image or eval file of the old set stays behind
+            shutil.rmtree(os.path.join(data_dir, sub), ignore_errors=True)
+    build_synthetic_dataset(data_dir, **params)
     return data_dir
 
 
@@ -123,11 +150,12 @@ def format_table(rows: dict) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--out", default="out/demo")
-    p.add_argument("--data", default="out/synthetic", help="the synthetic dataset (built there if absent)")
+    p.add_argument("--data", default="out/synthetic",
+                   help="the synthetic dataset (built there if absent or built with other sizes)")
     p.add_argument("--quick", action="store_true", help="a few steps and samples: checks the pipeline in seconds")
     args = p.parse_args(argv)
     t0, times = time.perf_counter(), {}
-    data_dir = build_data(args.data, args.quick)
+    data_dir = build_data(args.data, QUICK_DATA if args.quick else DATA)
     times["data"] = time.perf_counter() - t0
     checkpoints = {}
     for name, what, overrides in STAGES:

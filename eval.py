@@ -17,8 +17,10 @@ benchmarks.py (reference/moe_llava.md §5). This file is the runner:
   3. generation  batched greedy decoding with the KV cache and left padding (model.generate), stop at eos /
                  the template's end-of-turn, max_new_tokens per benchmark (128 short answers, 1024 long)
   4. answers     append-only JSONL per rank ({world}_{rank}.jsonl: question_id, prompt, text, answer_id,
-                 model_id, metadata, as MoE-LLaVA writes them); a rerun skips every answered question; rank 0
-                 merges the shards in question order into merge.jsonl and scores it
+                 model_id, metadata, as MoE-LLaVA writes them); a rerun skips every answered question if the
+                 folder's fingerprint.json (weights, tokenizer, question file, answer-changing settings) is
+                 this run's, else the old answers move to previous/<fingerprint>/; rank 0 merges the shards in
+                 question order into merge.jsonl and scores it
   5. analysis    expert loading per benchmark and MoE layer (image / text / generated tokens), JSON (+ PNG
                  when matplotlib imports); conflict statistics (stgc.find_conflicts) on a labelled split
 Outputs under --out (default <checkpoint>/eval): answers/<benchmark>/<model_id>/merge.jsonl, upload/...
@@ -38,8 +40,9 @@ import io
 import json
 import math
 import os
-from collections import Counter
+import shutil
 import sys
+from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -51,7 +54,7 @@ from tqdm import tqdm
 from benchmarks import BENCHMARKS, DataFileError, read_json, record_key
 from data import (TEMPLATES, DataConfig, LlavaJsonDataset, Tokenizer, check_template, collate, load_image, process_image)
 from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaModel
-from moe import LoRAExperts, MoELayer
+from moe import LoRAExperts, MoELayer, check_choice
 from stgc import STGCConfig, find_conflicts
 from train import latest_checkpoint
 
@@ -85,6 +88,9 @@ class EvalConfig:
     def __post_init__(self):
         if not self.checkpoint:
             raise ValueError("--checkpoint is required")
+        check_choice("--dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.template:                                              # '' = the checkpoint's own
+            check_choice("--template", self.template, TEMPLATES)
         names = list(BENCHMARKS) if self.benchmark == "all" else [b.strip() for b in self.benchmark.split(",")]
         unknown = [n for n in names + list(self.questions) + list(self.annotations) if n not in BENCHMARKS]
         if unknown:
@@ -93,7 +99,6 @@ class EvalConfig:
         self.model_id = self.model_id or os.path.basename(os.path.normpath(self.checkpoint))
         self.checkpoint = latest_checkpoint(self.checkpoint)   # a train.py run dir means its latest step
         self.out = self.out or os.path.join(self.checkpoint, "eval")
-        assert self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}"
 
 
 def load_model(cfg: EvalConfig, device):
@@ -311,6 +316,102 @@ def shard(items: list, rank: int, world: int) -> list:
     """LLaVA's get_chunk: contiguous chunks of ceil(n / world) questions, chunk r for rank r."""
     size = math.ceil(len(items) / world) if items else 0
     return items[rank * size:(rank + 1) * size]
+
+# -----------------------------------------------------------------------------
+# 3b. Which checkpoint an answer folder holds
+# The answers of a folder are reused only for the checkpoint and settings that wrote them: fingerprint.json
+# beside them records a hash of every file that changes an answer (weights, config.json, tokenizer, the
+# tower's weights, the question file) and every eval setting that does (max_new_tokens, template, dtype,
+# device type). batch_size, workers and sharding do not (batched equals one at a time, tested). Images are
+# identified by their paths in the question file, not by their content (hashing a benchmark's images would
+# cost minutes per run).
+
+FINGERPRINT = "fingerprint.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "tokenizer_config.json", "special_tokens_map.json")
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()                    # streamed, 1 MiB at a time
+
+
+def weight_files(folder: str) -> list[str]:
+    """The files model.load_checkpoint reads, resolved in its order (sharded safetensors, model.safetensors,
+    sharded .bin, pytorch_model.bin), and the index that names the shards."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if os.path.isfile(os.path.join(folder, index)):
+            return [index] + sorted(set(read_json(os.path.join(folder, index))["weight_map"].values()))
+        if os.path.isfile(os.path.join(folder, single)):
+            return [single]
+    return []
+
+
+def checkpoint_files(cfg: EvalConfig) -> dict:
+    """{name: sha256} of what the model and tokenizer are read from, computed once per run: 0.01 s for the
+    demo's 9 MB checkpoint, 2 s per GiB on a shared 2-core Xeon (page-cached; sha256 there runs at 0.8 GiB/s),
+    so ~7 s for a 1.6B-parameter fp16 checkpoint, per rank, next to minutes of generation."""
+    files = {"config.json": os.path.join(cfg.checkpoint, "config.json")}
+    files |= {w: os.path.join(cfg.checkpoint, w) for w in weight_files(cfg.checkpoint)}
+    tok = cfg.tokenizer or cfg.checkpoint
+    if os.path.isdir(tok):
+        files |= {f"tokenizer/{n}": os.path.join(tok, n) for n in sorted(os.listdir(tok))
+                  if n in TOKENIZER_FILES or n.endswith(".tiktoken")}
+    else:
+        files["tokenizer/" + os.path.basename(tok)] = tok
+    if cfg.vision_tower:
+        files |= {f"vision_tower/{w}": os.path.join(cfg.vision_tower, w)
+                  for w in ["config.json"] + weight_files(cfg.vision_tower)}
+    return {name: file_sha256(path) for name, path in files.items() if os.path.isfile(path)}
+
+
+def answer_fingerprint(cfg: EvalConfig, name: str, files: dict, device) -> dict:
+    """What defines one benchmark's answers, and its short hash (the name the printed lines use)."""
+    settings = {"benchmark": name, "question_file": file_sha256(question_file(cfg, name)),
+                "max_new_tokens": cfg.max_new_tokens or BENCHMARKS[name].max_new_tokens,
+                "template": cfg.template or "(checkpoint's)", "device_type": device.type,
+                "dtype": ("bfloat16" if device.type == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype}
+    blob = json.dumps({"files": files, "settings": settings}, sort_keys=True).encode()
+    return {"fingerprint": hashlib.sha256(blob).hexdigest()[:12], "files": files, "settings": settings}
+
+
+def what_differs(old: dict, new: dict) -> str:
+    files = sorted(k for k in old.get("files", {}).keys() | new["files"].keys()
+                   if old.get("files", {}).get(k) != new["files"].get(k))
+    settings = [f"{k} {old.get('settings', {}).get(k)!r} -> {v!r}" for k, v in new["settings"].items()
+                if old.get("settings", {}).get(k) != v]
+    return "; ".join(([f"files {', '.join(files)}"] if files else []) + settings) or "its fingerprint"
+
+
+def claim_answer_folder(folder: str, fp: dict, rank: int):
+    """Make `folder` hold answers of `fp` only. Answers of another fingerprint move to previous/<theirs>/
+    (kept, not reused) and the folder starts empty. Answers without a fingerprint file (written by hand, or by
+    eval.py before fingerprints) are reused with a warning and adopted. Rank 0 decides, before the other ranks
+    read the folder (run() puts a barrier between)."""
+    path = os.path.join(folder, FINGERPRINT)
+    old = read_json(path) if os.path.isfile(path) else None
+    if old is not None and old.get("fingerprint") == fp["fingerprint"]:
+        return
+    answers = [n for n in sorted(os.listdir(folder)) if n.endswith(".jsonl")]
+    if old is not None:
+        if rank != 0:
+            raise DataFileError(f"{folder}: holds answers of checkpoint {old.get('fingerprint')}, not of "
+                                f"{fp['fingerprint']}; rank 0 moves them aside, run all ranks together")
+        keep = os.path.join(folder, "previous", str(old.get("fingerprint")))
+        if os.path.isdir(keep):
+            shutil.rmtree(keep)                            # answers of that same fingerprint: the same answers
+        os.makedirs(keep)
+        for n in answers + [FINGERPRINT]:
+            os.replace(os.path.join(folder, n), os.path.join(keep, n))
+        print(f"eval: {folder}: {len(answers)} answer files of checkpoint {old.get('fingerprint')} differ in "
+              f"{what_differs(old, fp)}: not reused, moved to {keep}")
+    elif answers:
+        print(f"eval: {folder}: answer files without {FINGERPRINT} (written by hand or by an older eval.py): "
+              f"reused as answers of checkpoint {fp['fingerprint']}; delete them to answer anew")
+    with open(path + f".tmp{rank}", "w") as f:
+        json.dump(fp, f, indent=1)
+    os.replace(path + f".tmp{rank}", path)
 
 # -----------------------------------------------------------------------------
 # 4. Analysis: expert loading and token-gradient conflicts
@@ -534,14 +635,25 @@ def run(cfg: EvalConfig, rank: int | None = None, world: int | None = None) -> d
     names = selected(cfg)
     loaded = {n: load_benchmark(cfg, n) for n in names}                 # all files checked before generating
     model, tok, data_cfg, template = load_model(cfg, device)
+    files = checkpoint_files(cfg)                                        # hashed once, for every benchmark
     loading = ExpertLoading(model) if cfg.expert_loading and moe_layers(model) else None
     results, analysis = {}, {}
     for name in names:
         bench, (questions, gold) = BENCHMARKS[name], loaded[name]
         folder = os.path.join(cfg.out, "answers", name, cfg.model_id)
         os.makedirs(folder, exist_ok=True)
+        fp = answer_fingerprint(cfg, name, files, device)
+        if rank == 0:
+            claim_answer_folder(folder, fp, rank)                            # answers of another checkpoint aside
+        barrier()
+        if rank != 0:
+            claim_answer_folder(folder, fp, rank)
         done = read_answers(folder)
         todo = [q for q in shard(questions, rank, world) if q.key not in done]
+        reused = sum(q.key in done for q in questions)
+        if rank == 0 and reused:
+            print(f"eval: {name}: reusing {reused} of {len(questions)} answers of checkpoint {fp['fingerprint']} "
+                  f"from {folder}")
         path = os.path.join(folder, f"{world}_{rank}.jsonl")
         repair_tail(path)
         if loading is not None:
@@ -553,7 +665,8 @@ def run(cfg: EvalConfig, rank: int | None = None, world: int | None = None) -> d
             continue
         answers = merge_answers(folder, questions)
         metrics = bench.score(answers, questions, gold, cfg.out, cfg.model_id)
-        results[name] = metrics | {"answers": os.path.join(folder, "merge.jsonl"), "generated_now": len(todo)}
+        results[name] = metrics | {"answers": os.path.join(folder, "merge.jsonl"), "generated_now": len(todo),
+                                   "fingerprint": fp["fingerprint"]}
         if len(answers) < len(questions):
             print(f"eval: {name}: {len(answers)} of {len(questions)} questions answered (other ranks unfinished?)")
         if summary is not None and sum(summary["tokens"].values()):

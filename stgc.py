@@ -50,6 +50,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
+from moe import check_choice
+
 EPS = 1e-12
 
 
@@ -64,8 +66,10 @@ class STGCConfig:
     layer_reduction: str = "sum"       # 'sum' | 'mean' over MoE layers
 
     def __post_init__(self):
-        assert self.grad_source in ("bias", "full") and self.impl in ("fast", "reference")
-        assert self.mean_scope in ("rank", "global") and self.layer_reduction in ("sum", "mean")
+        check_choice("stgc.grad_source", self.grad_source, ("bias", "full"))
+        check_choice("stgc.impl", self.impl, ("fast", "reference"))
+        check_choice("stgc.mean_scope", self.mean_scope, ("rank", "global"))
+        check_choice("stgc.layer_reduction", self.layer_reduction, ("sum", "mean"))
 
 
 @dataclass
@@ -80,14 +84,30 @@ class LayerConflicts:
     layer: int = -1
     definition: str = "lm_loss"        # whose gradient: 'lm_loss' (paper pass 1) | 'objective' (fast: + deeper aux, CEL)
 
+    def totals(self, num_experts) -> torch.Tensor:
+        """[4 + 2E] sums that add up over micro-batches and ranks: pairs, conflicts, sum of cos over pairs, CEL,
+        then per expert the sum of cos and the pairs. `stats_from_totals` turns them into the logged numbers."""
+        pair = self.pair.float()
+        cos_E = torch.zeros(num_experts, device=pair.device).index_add_(0, self.expert, self.cos * pair)
+        pairs_E = torch.zeros(num_experts, device=pair.device).index_add_(0, self.expert, pair)
+        cel = self.cel.float().reshape(1) if self.cel is not None else pair.new_zeros(1)
+        return torch.cat([torch.stack([pair.sum(), self.conflict.float().sum(), (self.cos * pair).sum()]), cel, cos_E, pairs_E])
+
     def stats(self, num_experts) -> dict:
-        """Plain numbers for the training log (one host sync)."""
-        pair, n = self.pair.float(), self.pair.sum().clamp_min(1)
-        per_expert = torch.zeros(num_experts, device=pair.device).index_add_(0, self.expert, self.cos * pair)
-        count = torch.zeros(num_experts, device=pair.device).index_add_(0, self.expert, pair)
-        return {"layer": self.layer, "definition": self.definition, "pairs": int(self.pair.sum()), "conflict_ratio": float(self.conflict.sum() / n),
-                "mean_cos": float((self.cos * pair).sum() / n), "cel": float(self.cel) if self.cel is not None else 0.0,
-                "consistency": (per_expert / count.clamp_min(1)).tolist()}   # mean cos to its mean, per expert
+        """Plain numbers for the log, of this micro-batch alone (train.py logs stats_from_totals over a step)."""
+        return stats_from_totals(self.totals(num_experts), num_experts, self.layer, self.definition, 1)
+
+
+def stats_from_totals(t, num_experts, layer, definition, num_micro) -> dict:
+    """The logged numbers from summed `totals` (one host sync): pairs, conflict_ratio = conflicts / pairs, mean_cos
+    over pairs, cel = the mean over the `num_micro` micro-batches of each one's CEL, consistency = per expert the
+    mean cos of its pairs to its mean."""
+    t = t.tolist()
+    E, n = num_experts, max(t[0], 1)
+    cos_E, pairs_E = t[4:4 + E], t[4 + E:4 + 2 * E]
+    return {"layer": layer, "definition": definition, "pairs": int(t[0]), "conflict_ratio": t[1] / n,
+            "mean_cos": t[2] / n, "cel": t[3] / max(num_micro, 1),
+            "consistency": [c / max(k, 1) for c, k in zip(cos_E, pairs_E)]}
 
 
 # -----------------------------------------------------------------------------

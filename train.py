@@ -43,8 +43,8 @@ from tqdm import tqdm
 
 from data import DataConfig, LlavaJsonDataset, ModalityLengthGroupedSampler, Tokenizer, collate
 from model import IGNORE_INDEX, LanguageModel, LlavaConfig, LlavaModel, VisionTower, Projector, to_hf_state_dict
-from moe import MoEConfig, MoELayer, is_moe_trainable
-from stgc import STGC, STGCConfig
+from moe import MoEConfig, MoELayer, check_choice, is_moe_trainable
+from stgc import STGC, STGCConfig, stats_from_totals
 
 # -----------------------------------------------------------------------------
 # Config
@@ -77,8 +77,9 @@ class TrainConfig:
     max_nonfinite: int = 5             # consecutive non-finite losses (skipped steps) before aborting
 
     def __post_init__(self):
-        assert self.stage in ("pretrain", "finetune", "moe", "mole", "lora"), f"unknown stage {self.stage!r}"
-        assert self.dtype in ("bf16", "fp32") and self.parallel in ("ddp", "fsdp")
+        check_choice("train.stage", self.stage, ("pretrain", "finetune", "moe", "mole", "lora"))
+        check_choice("train.dtype", self.dtype, ("bf16", "fp32"))
+        check_choice("train.parallel", self.parallel, ("ddp", "fsdp"))
 
 
 @dataclass
@@ -89,7 +90,7 @@ class InitConfig:
     checkpoint: str = ""               # ours (a previous stage), or a LLaVA / MoE-LLaVA dir
 
     def __post_init__(self):
-        assert self.source in ("scratch", "hf", "checkpoint"), f"unknown init.source {self.source!r}"
+        check_choice("init.source", self.source, ("scratch", "hf", "checkpoint"))
 
 
 @dataclass
@@ -327,6 +328,16 @@ def save_checkpoint(ctx, step, consumed_in_epoch, epoch):
     return final
 
 
+def tower_was_trained(checkpoint) -> bool:
+    """Whether this checkpoint's vision tower was trained by it or by a stage it started from (config.json's
+    "vision_tower_trained", written by main; older checkpoints: their own train config only)."""
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        config = json.load(f)
+    if "vision_tower_trained" in config:
+        return bool(config["vision_tower_trained"])
+    return bool(config.get("train_config", {}).get("train", {}).get("train_vision_tower", False))
+
+
 def latest_checkpoint(path):
     """A step_* dir as given, or the one a run dir's (or its 'latest' file's) pointer names."""
     if os.path.basename(path) == "latest" and os.path.isfile(path):
@@ -392,6 +403,8 @@ def train_step(ctx: Context, micro_batches, step, total_steps):
         g["lr"] = lr * g["lr_scale"]
     bf16 = cfg.train.dtype == "bf16" and device.type == "cuda"
     sums = torch.zeros(4, device=device)                              # LM CE sum, aux, CEL, MoE layers
+    load_LE = stgc_LT = None                                           # expert counts, STGC totals: whole step
+    E = ctx.raw.lm.cfg.moe.num_experts if ctx.raw.lm.cfg.moe is not None else 0
     for i, mb in enumerate(micro_batches):
         last = i == accum - 1
         sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()   # DDP: reduce once
@@ -422,6 +435,13 @@ def train_step(ctx: Context, micro_batches, step, total_steps):
                              torch.tensor(sum(float(c.cel) for c in ctx.stgc.conflicts if c is not None)
                                           if ctx.stgc is not None else 0.0, device=device),
                              torch.tensor(float(len(out.routing)), device=device)])
+        if out.routing:
+            counts_LE = torch.stack([r.expert_counts.float() for r in out.routing])              # [L, E]
+            load_LE = counts_LE if load_LE is None else load_LE + counts_LE
+        if ctx.stgc is not None and out.routing:
+            totals_LT = torch.stack([c.totals(E) if c is not None else torch.zeros(4 + 2 * E, device=device)
+                                     for c in ctx.stgc.conflicts])   # [L, 4 + 2E]
+            stgc_LT = totals_LT if stgc_LT is None else stgc_LT + totals_LT
     sums = all_reduce_sum(sums, ctx.world)
     lm_loss = float(sums[0] / n_global)
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip)
@@ -440,10 +460,18 @@ def train_step(ctx: Context, micro_batches, step, total_steps):
     cel_weight = ctx.stgc.layer_weight(int(sums[3]) // (accum * ctx.world) or 1) if ctx.stgc is not None else 0.0
     log = {"step": step, "lr": lr, "loss": lm_loss + cfg.moe.aux_loss_coef * aux + cel_weight * cel, "lm_loss": lm_loss,
            "aux_loss": aux, "cel": cel, "grad_norm": grad_norm, "tokens": int(n_global)}
-    if out.routing:
-        log["expert_load"] = [(r.expert_counts.float() / r.expert_counts.sum().clamp_min(1)).tolist() for r in out.routing]
-    if ctx.stgc is not None:
-        log["stgc"] = ctx.stgc.stats(ctx.raw.lm.cfg.moe.num_experts)
+    # Routing statistics cover the whole step: every micro-batch, summed over ranks.
+    #   expert_load  per MoE layer, each expert's share of the first choices (DeepSpeed's exp_counts)
+    #   stgc         per MoE layer: pairs (kept, real, reached by the LM loss), conflict_ratio = conflicts / pairs,
+    #                mean_cos over pairs, cel = the micro-batches' mean CEL, consistency = per expert the mean cos
+    #                of its pairs to its mean, definition = whose gradient ('objective' fast, 'lm_loss' reference)
+    if load_LE is not None:
+        load_LE = all_reduce_sum(load_LE, ctx.world)
+        log["expert_load"] = (load_LE / load_LE.sum(-1, keepdim=True).clamp_min(1)).tolist()
+    if stgc_LT is not None:
+        stgc_LT = all_reduce_sum(stgc_LT, ctx.world)
+        log["stgc"] = [stats_from_totals(t, E, r.layer, "objective" if ctx.stgc.cfg.impl == "fast" else "lm_loss",
+                                         accum * ctx.world) for t, r in zip(stgc_LT, out.routing)]
     return log
 
 
@@ -461,7 +489,10 @@ def global_batches(loader, accum, stats):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--export-moe-llava":
-        return export_moe_llava(argv[1], argv[argv.index("--to") + 1])
+        args = [a for a in argv[1:] if a != "--drop-trained-tower"]
+        if len(args) != 3 or args[1] != "--to":
+            raise ConfigError("usage: python train.py --export-moe-llava CHECKPOINT_OR_RUN_DIR --to OUT_DIR [--drop-trained-tower]")
+        return export_moe_llava(args[0], args[2], drop_trained_tower="--drop-trained-tower" in argv)
     config_path = argv[argv.index("--config") + 1] if "--config" in argv else None
     resume = argv[argv.index("--resume") + 1] if "--resume" in argv else None
     flags = [a for i, a in enumerate(argv) if a not in ("--config", "--resume") and (i == 0 or argv[i - 1] not in ("--config", "--resume"))]
@@ -513,7 +544,10 @@ def main(argv=None):
                                                           find_unused_parameters=cfg.moe.impl == "loop",
                                                           gradient_as_bucket_view=True)
     optimizer = torch.optim.AdamW(param_groups(raw, tc), lr=tc.lr, betas=tuple(tc.adam_betas), fused=device.type == "cuda")
-    extra = {"data": cfg.data.to_checkpoint(), "train_config": asdict(cfg)}     # eval preprocesses as training did
+    start = latest_checkpoint(cfg.init.checkpoint) if cfg.init.source == "checkpoint" else ""
+    tower_trained = tc.train_vision_tower or (os.path.isfile(os.path.join(start, "config.json")) and tower_was_trained(start))
+    extra = {"data": cfg.data.to_checkpoint(), "train_config": asdict(cfg),     # eval preprocesses as training did
+             "vision_tower_trained": tower_trained}                         # export refuses to drop a trained tower
     ctx = Context(cfg, model, raw, optimizer, sampler, rank, world, device, extra, tokenizer,
                   STGC(cfg.stgc) if cfg.stgc.enabled and tc.stage in ("moe", "mole") else None)
     step, epoch, consumed = 0, 0, 0
@@ -586,11 +620,19 @@ def main(argv=None):
 # Export to MoE-LLaVA / HF layout
 
 
-def export_moe_llava(checkpoint, out_dir):
-    """Our checkpoint -> a dir LLaVA/MoE-LLaVA tools read: their key names (to_hf_state_dict), a config.json
-    with the LLM's HF fields, the mm_* fields and (for MoE) the `moe` dict; the vision tower is left out
-    (MoE-LLaVA loads it from its own dir). LoRA/MoLE weights have no such layout."""
+def export_moe_llava(checkpoint, out_dir, drop_trained_tower=False):
+    """Our checkpoint (or run dir: its latest step) -> a dir LLaVA/MoE-LLaVA tools read: their key names
+    (to_hf_state_dict), a config.json with the LLM's HF fields, the mm_* fields and (for MoE) the `moe` dict. The
+    vision tower is left out: MoE-LLaVA loads it from its own dir. So a checkpoint whose tower was trained here
+    (in its run or an earlier stage it started from) is refused unless drop_trained_tower says to lose it.
+    LoRA/MoLE weights have no such layout."""
     from safetensors.torch import save_file
+    checkpoint = latest_checkpoint(checkpoint)
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        raise FileNotFoundError(f"--export-moe-llava {checkpoint}: no config.json there (expected a step_* dir or a run dir)")
+    if tower_was_trained(checkpoint) and not drop_trained_tower:
+        raise ConfigError(f"{checkpoint}: its vision tower was trained (train.train_vision_tower), and MoE-LLaVA's layout "
+                          "has no place for it; keep using our checkpoint, or pass --drop-trained-tower to export without it")
     model = LlavaModel.from_pretrained(checkpoint)
     lm = model.lm.cfg
     family = lm.family if lm.family != "llama" or not (lm.qkv_bias and not lm.o_bias) else "qwen1_5"   # Qwen2 biases
@@ -625,4 +667,7 @@ def export_moe_llava(checkpoint, out_dir):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:                                          # a mistake in the command: one line, no traceback
+        sys.exit(f"error: {e}")

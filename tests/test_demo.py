@@ -71,3 +71,21 @@ def test_experiment_variants_measure_conflicts(quick_demo, capsys):
     capsys.readouterr()
     experiment.main(argv)
     assert "stage moe" not in capsys.readouterr().out
+
+
+def test_data_rebuilt_when_built_with_other_parameters(tmp_path, capsys):
+    """`demo.py --quick` then `demo.py`: the full demo must not train on the quick set left in --data."""
+    small = dict(seed=0, n_train=6, n_val=2, n_test=4, image_size=32)
+    larger = small | dict(n_train=10)
+    d = str(tmp_path / "syn")
+    train_size = lambda: len(json.load(open(os.path.join(d, "train.json"))))   # noqa: E731
+    demo.build_data(d, small)
+    assert train_size() == 6 and demo.built_with(d) == small
+    meta = os.path.join(d, "meta.json")
+    stamp = os.stat(meta).st_mtime_ns
+    demo.build_data(d, small)                                            # same parameters: kept as it is
+    assert os.stat(meta).st_mtime_ns == stamp and "using the synthetic set" in capsys.readouterr().out
+    demo.build_data(d, larger)
+    assert train_size() == 10 and demo.built_with(d) == larger
+    assert "n_train=6 (asked 10): rebuilding" in capsys.readouterr().out
+    assert demo.DATA["n_train"] == 4000 and demo.QUICK_DATA["n_train"] == 64     # what the two modes ask for

@@ -789,6 +789,38 @@ def test_resume_skips_done_questions_and_repairs_a_cut_line(setup, reference_ans
     assert third["pope"]["generated_now"] == 0 and third["pope"]["f1_mean"] == second["pope"]["f1_mean"]
 
 
+def test_answers_of_another_checkpoint_are_not_reused(setup, tmp_path, capsys):
+    """Retraining into the same checkpoint dir (the demo, or `eval.py --out X` rerun): the answers cached under
+    the dir's name are the old model's. They are moved aside, not reused; the same checkpoint reuses its own."""
+    ckpt = tmp_path / "ckpt"                                                   # same name, hence same model_id
+    shutil.copytree(setup["ckpt"], ckpt)
+    cfg = lambda out, **kw: dataclasses.replace(config(setup, out, benchmark="pope", max_samples=4, **kw),  # noqa: E731
+                                                checkpoint=str(ckpt))
+    first = ev.run(cfg(tmp_path / "eval"), rank=0, world=1)
+    assert first["pope"]["generated_now"] == 4
+    again = ev.run(cfg(tmp_path / "eval"), rank=0, world=1)
+    assert again["pope"]["generated_now"] == 0
+    printed, old_answers = capsys.readouterr().out, merged(tmp_path / "eval", "pope")
+    model = LlavaModel.from_pretrained(str(ckpt))                              # "retrain": other weights
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    model.save_pretrained(str(ckpt), {"data": json.load(open(ckpt / "config.json"))["data"]})
+    second = ev.run(cfg(tmp_path / "eval"), rank=0, world=1)
+    assert second["pope"]["generated_now"] == 4
+    assert again["pope"]["fingerprint"] == first["pope"]["fingerprint"] != second["pope"]["fingerprint"]
+    assert f"reusing 4 of 4 answers of checkpoint {first['pope']['fingerprint']}" in printed
+    assert "model.safetensors" in capsys.readouterr().out                      # says what differs
+    ev.run(cfg(tmp_path / "fresh"), rank=0, world=1)                           # the second model's own answers
+    assert merged(tmp_path / "eval", "pope") == merged(tmp_path / "fresh", "pope")
+    kept = tmp_path / "eval" / "answers" / "pope" / "ckpt" / "previous" / first["pope"]["fingerprint"]
+    assert (kept / "merge.jsonl").read_bytes() == old_answers                  # the old ones kept
+    # an eval setting that changes answers is part of the fingerprint too
+    longer = ev.run(cfg(tmp_path / "eval", max_new_tokens=MAX_NEW + 2), rank=0, world=1)
+    assert longer["pope"]["generated_now"] == 4 and "max_new_tokens 4 -> 6" in capsys.readouterr().out
+
+
 def test_sharded_run_merges_rank_files(setup, reference_answers, tmp_path):
     assert ev.shard(list(range(10)), 0, 3) == [0, 1, 2, 3] and ev.shard(list(range(10)), 2, 3) == [8, 9]
     assert ev.run(config(setup, tmp_path), rank=1, world=2) == {}            # rank 1 writes its shard only
@@ -809,7 +841,8 @@ def test_torchrun_two_processes(setup, reference_answers, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {n: merged(tmp_path, n) for n in ("gqa", "pope")} == reference_answers
-    assert sorted(os.listdir(tmp_path / "answers" / "pope" / "ckpt")) == ["2_0.jsonl", "2_1.jsonl", "merge.jsonl"]
+    assert sorted(os.listdir(tmp_path / "answers" / "pope" / "ckpt")) == ["2_0.jsonl", "2_1.jsonl", "fingerprint.json",
+                                                                         "merge.jsonl"]
     ref = json.load(open(setup["root"] / "reference" / "analysis" / "expert_loading.json"))
     got = json.load(open(tmp_path / "analysis" / "expert_loading.json"))
     assert got["pope"]["tokens"] == ref["pope"]["tokens"] and got["pope"]["questions"] == ref["pope"]["questions"]

@@ -66,7 +66,7 @@ def test_config_precedence_and_types():
     ("--model.lm.hidden=3", "unknown config key 'model.lm.hidden'"),
     ("--train.max_steps=1.5", "train.max_steps: expected int"),
     ("--train.activation_checkpointing=yes", "expected bool"),
-    ("--train.stage=pretraining", "unknown stage 'pretraining'"),
+    ("--train.stage=pretraining", "train.stage='pretraining' is not one of"),
     ("train.lr", "is not --section.key=value")])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(train.ConfigError, match=message):
@@ -161,7 +161,10 @@ def test_stgc_reference_trains_and_export_round_trips(synthetic, tmp_path):
     log = log_of(out)
     assert "stgc" in log[-1] and log[-1]["stgc"][0]["pairs"] > 0
     ckpt = os.path.join(out, open(os.path.join(out, "latest")).read().strip())
-    train.export_moe_llava(ckpt, f"{tmp_path}/hf")
+    # the smoke config trains its random tower, which MoE-LLaVA's layout cannot hold: refused unless dropped knowingly
+    with pytest.raises(train.ConfigError, match="vision tower was trained.*--drop-trained-tower"):
+        train.export_moe_llava(out, f"{tmp_path}/hf")                  # a run dir resolves to its latest step
+    train.export_moe_llava(out, f"{tmp_path}/hf", drop_trained_tower=True)
     config = json.load(open(f"{tmp_path}/hf/config.json"))
     assert config["model_type"] == "moe_llava_stablelm" and config["moe"]["num_experts"] == [4]
     ours, exported = LlavaModel.from_pretrained(ckpt).lm, LanguageModel.from_pretrained(f"{tmp_path}/hf")
@@ -190,3 +193,36 @@ def test_non_finite_losses_skip_then_abort(synthetic, tmp_path):
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "3 non-finite losses in a row" in res.stderr
     assert [r.get("skipped_nonfinite") for r in log_of(f"{tmp_path}/nan")] == [1, 2]
+
+
+def test_logged_routing_statistics_cover_every_micro_batch(synthetic):
+    """With accumulation the log's per-layer STGC stats and expert load are of the whole step, not of its last
+    micro-batch: a step over two micro-batches counts the pairs of both (lr 0: the weights do not move)."""
+    from data import LlavaJsonDataset, Tokenizer, collate
+    from stgc import STGC
+    cfg = train.load_config(SMOKE, data_overrides(synthetic) + ["--train.stage=moe", "--stgc.enabled=true", "--train.lr=0.0"])
+    tok = Tokenizer.load(cfg.data.tokenizer_path, cfg.data.tokenizer_family)
+    ds = LlavaJsonDataset(cfg.data, tok)
+    torch.manual_seed(0)
+    model = train.set_trainable(train.build_model(cfg, tok.vocab_size), cfg.train).train()
+    opt = torch.optim.AdamW(train.param_groups(model, cfg.train), lr=0.0)
+    ctx = train.Context(cfg, model, model, opt, None, 0, 1, torch.device("cpu"), {}, tok, STGC(cfg.stgc))
+    mbs = [collate([ds[i] for i in range(k, k + 2)], tok.pad_id, "right", cfg.data.image_size) for k in (0, 2)]
+    both = train.train_step(ctx, mbs, 5, 10)
+    each = [train.train_step(ctx, [mb], 5, 10) for mb in mbs]
+    assert len(both["stgc"]) == len(both["expert_load"]) >= 1
+    for layer, (a, b) in enumerate(zip(each[0]["stgc"], each[1]["stgc"])):
+        assert a["pairs"] > 0 and b["pairs"] > 0
+        assert both["stgc"][layer]["pairs"] == a["pairs"] + b["pairs"]
+        assert both["stgc"][layer]["definition"] == "objective"
+    assert both["expert_load"] != each[1]["expert_load"]
+
+
+def test_export_arguments_are_checked_in_one_line(tmp_path):
+    for argv in (["--export-moe-llava"], ["--export-moe-llava", "x"], ["--export-moe-llava", "x", "--into", "y"]):
+        with pytest.raises(train.ConfigError, match="usage: python train.py --export-moe-llava"):
+            train.main(argv)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--export-moe-llava"], capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.strip().startswith("error: usage:") and "Traceback" not in res.stderr
+    with pytest.raises(FileNotFoundError, match="no config.json there"):
+        train.export_moe_llava(str(tmp_path), str(tmp_path / "out"))
