@@ -4,6 +4,8 @@ train.py: every training stage of MoE-LLaVA / LLaVA-MoLE, with STGC, in one scri
     python train.py --config configs/demo.toml                                   # one process, CPU or GPU
     torchrun --nproc_per_node=8 train.py --config configs/moe_llava_stablelm_stgc.toml --train.lr=2e-5
     python train.py --config configs/X.toml --resume out/X/latest                # continue exactly
+    torchrun --max-restarts=3 ... train.py --config configs/X.toml --resume auto  # its latest checkpoint, if any
+Ctrl-C or SIGTERM (preemption) saves a checkpoint at the next step boundary and exits cleanly.
     python train.py --export-moe-llava out/X/step_000100 --to out/X_hf            # MoE-LLaVA / HF layout
 
 Stages (reference/moe_llava.md §1.9, §4.1):
@@ -31,6 +33,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 import tomllib
@@ -348,7 +351,16 @@ def latest_checkpoint(path):
     return path
 
 
-def resolve_resume(path):
+def resolve_resume(path, out_dir):
+    """--resume DIR: that checkpoint (a run dir: its latest). --resume auto: the run dir's latest complete
+    checkpoint if there is one (what a restarted job wants: torchrun --max-restarts), else None (start afresh)."""
+    if path == "auto":
+        found = latest_checkpoint(out_dir)
+        if not os.path.isfile(os.path.join(found, "trainer_state.pt")):
+            print(f"--resume auto: no checkpoint in {out_dir} yet, starting afresh")
+            return None
+        print(f"--resume auto: resuming {found}")
+        return found
     path = latest_checkpoint(path)
     if not os.path.isfile(os.path.join(path, "trainer_state.pt")):
         raise FileNotFoundError(f"--resume {path}: no trainer_state.pt there (expected a step_* checkpoint dir)")
@@ -475,6 +487,31 @@ def train_step(ctx: Context, micro_batches, step, total_steps):
     return log
 
 
+class StopRequest:
+    """SIGINT / SIGTERM (Ctrl-C, a scheduler's preemption, torchrun stopping workers before an elastic restart)
+    ask the loop to stop at the next step boundary: it saves a checkpoint there and exits cleanly, so --resume auto
+    continues exactly. A second signal stops at once. Ranks agree (any rank's request stops all) with one
+    all-reduce of a scalar per step."""
+
+    def __init__(self):
+        self.name, self.stopping = None, False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.name is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
+        self.name = signal.Signals(signum).name
+
+    def requested(self, world, device) -> bool:
+        asked = all_reduce_sum(torch.tensor(float(self.name is not None), device=device), world)
+        self.stopping = bool(asked > 0)
+        return self.stopping
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
 def global_batches(loader, accum, stats):
     """Lists of `accum` micro-batches (one optimizer step on this rank); a partial list at the end is dropped."""
     micro = []
@@ -527,8 +564,8 @@ def main(argv=None):
 
     # ---- model, trainable set, parallelism, optimizer -------------------------------------------
     state = None
+    resume = resolve_resume(resume, tc.out_dir) if resume else None
     if resume:
-        resume = resolve_resume(resume)
         cfg.init = InitConfig(source="checkpoint", checkpoint=resume)
         state = torch.load(os.path.join(resume, "trainer_state.pt"), map_location="cpu", weights_only=True)
     model = build_model(cfg, tokenizer.vocab_size)
@@ -577,7 +614,8 @@ def main(argv=None):
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"{tc.stage}")
     raw.train()
     loader_collate = lambda samples: collate(samples, tokenizer.pad_id, "right", cfg.data.image_size)
-    while step < total_steps:
+    stop = StopRequest()
+    while step < total_steps and not stop.stopping:
         loader = torch.utils.data.DataLoader(dataset, batch_size=tc.micro_batch_size, sampler=sampler,
                                              collate_fn=loader_collate, num_workers=tc.num_workers, drop_last=True)
         for micro in global_batches(loader, accum, dataset.stats):
@@ -599,7 +637,7 @@ def main(argv=None):
                     log_file.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{log['lm_loss']:.3f}", lr=f"{log.get('lr', 0):.1e}")
-            if step == total_steps:
+            if step == total_steps or stop.requested(world, device):
                 break
             if tc.save_every and step % tc.save_every == 0:
                 save_checkpoint(ctx, step, consumed, epoch)
@@ -607,6 +645,9 @@ def main(argv=None):
             epoch, consumed = epoch + 1, 0
             sampler.set_epoch(epoch)
     bar.close()
+    stop.restore()
+    if stop.stopping:
+        print(f"stopped at step {step} of {total_steps} ({stop.name}): saving a checkpoint; continue with --resume auto")
     last_saved = save_checkpoint(ctx, step, consumed, epoch)
     if rank == 0:
         print(dataset.report())

@@ -226,3 +226,30 @@ def test_export_arguments_are_checked_in_one_line(tmp_path):
     assert res.returncode == 1 and res.stderr.strip().startswith("error: usage:") and "Traceback" not in res.stderr
     with pytest.raises(FileNotFoundError, match="no config.json there"):
         train.export_moe_llava(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_sigterm_saves_at_the_next_step_and_resume_auto_continues(synthetic, tmp_path):
+    """Preemption: SIGTERM mid-run leaves a complete checkpoint at a step boundary and exit code 0; --resume auto
+    continues from it (and starts afresh where there is none); the log then has one row per step."""
+    import signal
+    import time
+    out = f"{tmp_path}/run"
+    args = data_overrides(synthetic) + [f"--train.out_dir={out}", "--train.max_steps=60", "--train.save_every=0"]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", SMOKE, "--resume", "auto"] + args
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 120
+    while not (os.path.isfile(log) and len(open(log).readlines()) >= 2) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output[-2000:]
+    assert "starting afresh" in output and "stopped at step" in output
+    stopped = json.load(open(os.path.join(out, open(os.path.join(out, "latest")).read().strip(), "config.json")))
+    steps = [r["step"] for r in log_of(out)]
+    assert 2 <= len(steps) < 60 and os.path.isfile(os.path.join(out, f"step_{len(steps):06d}", "trainer_state.pt"))
+    assert stopped["format"] == "moe-vlm"
+    res = run_train(["--resume", "auto"] + args)
+    assert f"resuming {out}/step_{len(steps):06d}" in res.stdout
+    assert [r["step"] for r in log_of(out)] == list(range(60))          # one row per step, none twice
