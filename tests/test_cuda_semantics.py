@@ -5,7 +5,8 @@
    (`torch._grouped_mm` refuses fp32 operands there), and a CPU tensor mixed into CUDA work is an error. We run
    every LM family with MoE (ffn top-2) and MoLE (LoRA experts + attention LoRA), right-padded training forwards
    with labels, the KV-cached prefill and one decoding step, the vision tower + projector, and STGC's forward
-   bookkeeping (conflicts from the 'bias' source, CEL, its closed-form logit gradient), in bf16 and fp32 weights,
+   bookkeeping (conflicts from the 'bias' source, CEL, its closed-form logit gradient, the step totals train.py
+   sums), in bf16 and fp32 weights,
    and the grouped path as on sm90 and the padded one as on sm80.
    What fake tensors cannot do: a backward (the autograd engine asks for a CUDA context), autocast (it cannot be
    enabled without CUDA), and anything that reads values on the host: LlavaModel's splice (it counts and finds
@@ -185,6 +186,10 @@ def test_fake_cuda_stgc_forward_bookkeeping(kind, dtype):
             assert c.cos.device.type == cel.device.type == g.device.type == "cuda"
             assert c.cos.dtype == cel.dtype == g.dtype == torch.float32
             assert g.shape == record.router_logits.shape
+            c.cel = cel
+            E = record.router_logits.shape[1]
+            totals = c.totals(E)                                       # what train.py sums over a step's micro-batches
+            assert totals.device.type == "cuda" and totals.shape == (4 + 2 * E,)
 
 # -----------------------------------------------------------------------------
 # 2. The dispatch spy: experts compute in bf16 under autocast with fp32 master weights
