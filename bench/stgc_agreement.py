@@ -41,8 +41,9 @@ def random_batch(seed, B=4, T=32, vocab=256):
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
 
 
-def conflicts_of(lm, batch, cfg: STGCConfig):
-    """The conflict masks one training step's STGC computes (as train.py's objective: LM + alpha aux + CEL)."""
+def stgc_step(lm, batch, cfg: STGCConfig) -> STGC:
+    """One training step's forward and backward with STGC (as train.py's objective: LM + alpha aux + CEL); the
+    returned STGC holds the conflicts it found, lm's .grad the step's gradients (tests/test_stgc.py uses it too)."""
     lm.zero_grad()
     stgc = STGC(cfg)
     if cfg.impl == "reference":
@@ -54,7 +55,7 @@ def conflicts_of(lm, batch, cfg: STGCConfig):
         stgc.attach(out.routing)
         loss = out.loss + ALPHA * out.aux_loss
     loss.backward()
-    return stgc.conflicts
+    return stgc
 
 
 def disagreement(betas, seeds, source="bias"):
@@ -64,8 +65,8 @@ def disagreement(betas, seeds, source="bias"):
         rows = None
         for seed in seeds:
             lm, batch = tiny_moe_lm(seed), random_batch(seed)
-            ref = conflicts_of(lm, batch, STGCConfig(enabled=True, impl="reference", grad_source=source, loss_weight=beta))
-            fast = conflicts_of(lm, batch, STGCConfig(enabled=True, impl="fast", grad_source=source, loss_weight=beta))
+            ref = stgc_step(lm, batch, STGCConfig(enabled=True, impl="reference", grad_source=source, loss_weight=beta)).conflicts
+            fast = stgc_step(lm, batch, STGCConfig(enabled=True, impl="fast", grad_source=source, loss_weight=beta)).conflicts
             counts = [(int((r.conflict != f.conflict)[r.pair].sum()), int(r.pair.sum()), int(r.conflict.sum()))
                       for r, f in zip(ref, fast)]
             assert all(torch.equal(r.pair, f.pair) for r, f in zip(ref, fast))

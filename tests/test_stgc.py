@@ -1,5 +1,7 @@
 """stgc.py: per-token gradients against naive autograd, factorised cosines against materialised ones,
 fast (one backward) against reference (two passes), a hand-made conflict, padding, beta = 0."""
+import os
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +13,10 @@ from moe import LoRAExperts, MoEConfig, MoELayer, RoutingRecord
 from stgc import (STGC, STGCConfig, cel_logit_grad, conflict_elimination_loss, factorised_full_cos, find_conflicts,
                   per_token_grads)
 
-ALPHA = 0.01
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import stgc_agreement  # noqa: E402  (the one-step STGC objective, shared with bench/stgc_agreement.py)
+
+ALPHA = stgc_agreement.ALPHA
 
 
 def tiny_moe_lm(kind="ffn", top_k=2, family="stablelm2", moe_layers=(1,), seed=0):
@@ -80,17 +85,7 @@ def test_lora_expert_function_matches_the_layer_forward():
 
 def run(lm, cfg: STGCConfig, b):
     """One training step's gradients with STGC (fast or reference); returns (grads, conflicts, stgc)."""
-    lm.zero_grad()
-    stgc = STGC(cfg)
-    if cfg.impl == "reference":
-        conflicts = stgc.reference_conflicts(lambda: lm(**b))
-        out = lm(**b)
-        loss = out.loss + ALPHA * out.aux_loss + stgc.cel(out.routing, conflicts)
-    else:
-        out = lm(**b)
-        stgc.attach(out.routing)
-        loss = out.loss + ALPHA * out.aux_loss
-    loss.backward()
+    stgc = stgc_agreement.stgc_step(lm, b, cfg)                        # LM + ALPHA * aux + beta * CEL
     return {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}, stgc.conflicts, stgc
 
 
