@@ -64,6 +64,9 @@ class DataConfig:
     check_images_exist: bool = True  # stat every image when the JSON is loaded, so missing files are
                                      # reported before training rather than discovered at step 50k
     strict: bool = False             # raise DataError on the first bad sample instead of skipping it
+    max_skip_share: float = 0.05     # train.py stops (with the skip report, saved in the run dir) when more
+                                     # than this share of the records is skipped: a wrong image folder or
+                                     # template would otherwise train on what is left and exit 0
 
     def __post_init__(self):
         for name, allowed in (("image_processor", ("clip", "siglip")), ("image_aspect", ("pad", "square")),
@@ -400,6 +403,9 @@ class Tokenizer:
         The slow files come first because they are what LLaVA and MoE-LLaVA load (use_fast=False); the added
         tokens of the first two come from the dir's json files (read_added_tokens). train.py and eval.py both
         load through here."""
+        if not path or not os.path.exists(path):
+            raise FileNotFoundError(f"tokenizer {path!r} not found: give a tokenizer file or a model dir holding one "
+                                    "(data.tokenizer_path in train.py, --tokenizer in eval.py)")
         folder, name = (path, None) if os.path.isdir(path) else os.path.split(path)
         if name is None:
             names = sorted(os.listdir(folder))
@@ -662,6 +668,32 @@ def parse_record(rec, template: Template, cfg: DataConfig) -> tuple[list[str], l
     return turns, [os.path.join(cfg.image_folder, p) for p in images]
 
 
+def read_records(path: str) -> list:
+    """The records of a LLaVA JSON file (a list of objects) or of a .jsonl file (one object per line). A syntax
+    error is a DataError naming the file, line and column: a 1 GB instruction mix is not searched by hand."""
+    if not os.path.isfile(path):
+        raise DataError("missing_file", f"{path!r} not found (data.data_path: a LLaVA .json list or a .jsonl file)")
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            records = []
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError("bad_json", f"{path}:{n}:{e.colno}: {e.msg} (a .jsonl file holds one JSON "
+                                                    "object per line)") from None
+            return records
+        try:
+            records = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError("bad_json", f"{path}:{e.lineno}:{e.colno}: {e.msg}"
+                                        + (" (one record per line? name the file .jsonl)" if e.msg == "Extra data" else "")) from None
+    if not isinstance(records, list):
+        raise DataError("bad_json", f"{path} holds a JSON {type(records).__name__}, not a list of records")
+    return records
+
+
 class LlavaJsonDataset(torch.utils.data.Dataset):
     """MoE-LLaVA's LazySupervisedDataset: records are checked when loaded (structure, "<image>" count,
     image files exist) and tokenized / decoded lazily. A bad record is a counted Skip (returned in place
@@ -670,11 +702,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, records: list | None = None):
         self.cfg, self.tok, self.template = cfg, tokenizer, TEMPLATES[cfg.template]
         check_template(tokenizer, self.template)
-        if records is None:
-            with open(cfg.data_path) as f:
-                records = json.load(f)
-        if not isinstance(records, list):
-            raise DataError("bad_record", f"{cfg.data_path} must hold a JSON list")
+        records = read_records(cfg.data_path) if records is None else records
         self.records, self.stats = records, DataStats(n_records=len(records))
         self.keep, self.modality_lengths = [], []   # usable record indices; signed lengths for the sampler
         for i, rec in enumerate(records):

@@ -87,8 +87,9 @@ def data_overrides(data_dir: str) -> list[str]:
 
 
 def train_stage(name: str, overrides: list[str], out: str, data_dir: str, extra=()) -> str:
-    """One train.py run; returns its checkpoint dir."""
-    argv = ["--config", CONFIG, f"--train.out_dir={out}/{name}"] + data_overrides(data_dir)
+    """One train.py run; returns its checkpoint dir. The demo retrains every stage on each run, so it replaces the
+    stage's previous run in its dir (train.overwrite)."""
+    argv = ["--config", CONFIG, f"--train.out_dir={out}/{name}", "--train.overwrite=true"] + data_overrides(data_dir)
     argv += [o.format(out=out, data=data_dir) for o in overrides] + list(extra)
     return train.main(argv)
 

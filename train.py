@@ -38,14 +38,14 @@ import sys
 import time
 import tomllib
 from contextlib import nullcontext
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import DataConfig, LlavaJsonDataset, ModalityLengthGroupedSampler, Tokenizer, collate
-from model import IGNORE_INDEX, LanguageModel, LlavaConfig, LlavaModel, VisionTower, Projector, to_hf_state_dict
+from data import DataConfig, DataError, LlavaJsonDataset, ModalityLengthGroupedSampler, Tokenizer, collate, read_records
+from model import IGNORE_INDEX, LanguageModel, LlavaConfig, LlavaModel, VisionConfig, VisionTower, Projector, to_hf_state_dict
 from moe import MoEConfig, MoELayer, check_choice, is_moe_trainable
 from stgc import STGC, STGCConfig, stats_from_totals
 
@@ -76,7 +76,8 @@ class TrainConfig:
     num_workers: int = 0
     log_every: int = 1
     save_every: int = 0                # 0: only at the end
-    keep_last: int = 2                 # step_* checkpoints kept
+    keep_last: int = 2                 # step_* checkpoints kept (of this run: see run_fingerprint)
+    overwrite: bool = False            # a fresh start in an out_dir holding a run's checkpoints replaces that run
     max_nonfinite: int = 5             # consecutive non-finite losses (skipped steps) before aborting
 
     def __post_init__(self):
@@ -140,9 +141,9 @@ def _merge(base: dict, new: dict, where: str, prefix=""):
         base[key] = float(value) if isinstance(old, float) else value
 
 
-def load_config(path=None, overrides=()) -> Config:
-    """Defaults < TOML file < overrides ('section.key=value')."""
-    d = _defaults(Config)
+def load_config(path=None, overrides=(), base: dict | None = None) -> Config:
+    """Defaults (or `base`, a saved config being resumed) < TOML file < overrides ('section.key=value')."""
+    d = json.loads(json.dumps(base)) if base is not None else _defaults(Config)
     if path:
         with open(path, "rb") as f:
             _merge(d, tomllib.load(f), path)
@@ -162,10 +163,19 @@ def load_config(path=None, overrides=()) -> Config:
             nested = {part: nested}
         _merge(d, nested, f"override --{item.lstrip('-')}")
     try:
-        return Config(train=TrainConfig(**d["train"]), init=InitConfig(**d["init"]), model=LlavaConfig(**d["model"]),
-                      moe=MoEConfig(**d["moe"]), stgc=STGCConfig(**d["stgc"]), data=DataConfig(**d["data"]))
+        cfg = Config(train=TrainConfig(**d["train"]), init=InitConfig(**d["init"]), model=LlavaConfig(**d["model"]),
+                     moe=MoEConfig(**d["moe"]), stgc=STGCConfig(**d["stgc"]), data=DataConfig(**d["data"]))
     except (AssertionError, ValueError, TypeError) as e:
         raise ConfigError(f"invalid config: {e}") from None
+    if cfg.stgc.enabled and cfg.train.stage not in ROUTED_STAGES:
+        raise ConfigError(f"stgc.enabled=true needs a stage with routed experts ({' or '.join(ROUTED_STAGES)}), but "
+                          f"train.stage={cfg.train.stage!r}: drop --stgc.enabled or set --train.stage=moe")
+    if not 0 <= cfg.data.max_skip_share <= 1:
+        raise ConfigError(f"data.max_skip_share={cfg.data.max_skip_share} is not a share in [0, 1]")
+    return cfg
+
+
+ROUTED_STAGES = ("moe", "mole")                                      # the stages whose experts have a router (STGC)
 
 # -----------------------------------------------------------------------------
 # Model: build or load, set the stage's trainable parameters
@@ -323,8 +333,9 @@ def save_checkpoint(ctx, step, consumed_in_epoch, epoch):
         with open(os.path.join(ctx.cfg.train.out_dir, "latest.tmp"), "w") as f:
             f.write(os.path.basename(final))
         os.replace(os.path.join(ctx.cfg.train.out_dir, "latest.tmp"), os.path.join(ctx.cfg.train.out_dir, "latest"))
-        kept = sorted(d for d in os.listdir(ctx.cfg.train.out_dir) if d.startswith("step_") and not d.endswith(".tmp"))
-        for old in kept[:-ctx.cfg.train.keep_last] if ctx.cfg.train.keep_last > 0 else []:
+        ours = [d for d in run_checkpoints(ctx.cfg.train.out_dir)      # never another run's (or an unstamped) checkpoint
+                if checkpoint_run(os.path.join(ctx.cfg.train.out_dir, d)) == ctx.extra_config["run"]]
+        for old in ours[:-ctx.cfg.train.keep_last] if ctx.cfg.train.keep_last > 0 else []:
             shutil.rmtree(os.path.join(ctx.cfg.train.out_dir, old))
     if ctx.world > 1:
         dist.barrier()
@@ -365,6 +376,227 @@ def resolve_resume(path, out_dir):
     if not os.path.isfile(os.path.join(path, "trainer_state.pt")):
         raise FileNotFoundError(f"--resume {path}: no trainer_state.pt there (expected a step_* checkpoint dir)")
     return path
+
+# -----------------------------------------------------------------------------
+# Run identity: a run dir holds one run, and a resume continues that run as it was started
+#
+# run.json in the run dir: the config's identity (every setting but RESUMABLE ones), the data file's sha256, the
+# fingerprint of both (also written into each checkpoint's config.json as "run"), and the code version of each start
+# and resume. A fresh start refuses a dir holding another run's checkpoints (train.overwrite replaces it); --resume
+# takes the checkpoint's own saved config, refuses settings that would change the run, writes only into the
+# checkpoint's run dir, and truncates log.jsonl to the resumed step; keep_last prunes only this run's checkpoints.
+
+# Settings that change how long or how a run executes, not what it computes: a resume may change them (printed).
+# max_steps / epochs: the cosine schedule then spans the new total from the resumed step on (lr_at is a function
+# of step and total), so the lr jumps to the new curve's value: printed with the values.
+RESUMABLE = ("train.max_steps", "train.epochs", "train.log_every", "train.save_every", "train.keep_last",
+             "train.num_workers", "train.max_nonfinite", "train.overwrite", "train.out_dir", "train.parallel",
+             "train.activation_checkpointing", "moe.impl", "data.check_images_exist", "data.strict", "data.max_skip_share")
+CODE_FILES = ("data.py", "model.py", "moe.py", "stgc.py", "train.py")
+
+
+def flat(d: dict, prefix="") -> dict:
+    """{'train': {'lr': 1e-3}} -> {'train.lr': 1e-3}, JSON-normalised (tuples are lists), for comparing configs."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out |= flat(v, f"{prefix}{k}.")
+        else:
+            out[prefix + k] = json.loads(json.dumps(v))
+    return out
+
+
+def sha256_file(path: str) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def code_version() -> str:
+    """sha256 (first 12 hex) of the source files a run executes: recorded, not part of the identity (a resume
+    after a bug fix is allowed, and printed)."""
+    import hashlib
+    here = os.path.dirname(os.path.abspath(__file__))
+    return hashlib.sha256(b"".join(open(os.path.join(here, n), "rb").read() for n in CODE_FILES)).hexdigest()[:12]
+
+
+def run_identity(cfg: Config, data_sha256: str) -> dict:
+    import hashlib
+    identity = {k: v for k, v in flat(asdict(cfg)).items() if k not in RESUMABLE}
+    blob = json.dumps([identity, data_sha256], sort_keys=True).encode()
+    return {"run": hashlib.sha256(blob).hexdigest()[:16], "data_sha256": data_sha256, "identity": identity}
+
+
+def config_differences(a: dict, b: dict, keys=None) -> list[str]:
+    """'key: a -> b' for each flat key (of `keys`, default all) whose values differ."""
+    keys = sorted(set(a) | set(b)) if keys is None else keys
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def run_checkpoints(out_dir: str) -> list[str]:
+    """The complete step_* checkpoints in out_dir (a crash leaves only step_*.tmp, never counted)."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(d for d in os.listdir(out_dir) if d.startswith("step_") and not d.endswith(".tmp")
+                  and os.path.isfile(os.path.join(out_dir, d, "trainer_state.pt")))
+
+
+def checkpoint_run(path: str) -> str | None:
+    """The run fingerprint a checkpoint's config.json carries (None: saved before runs had one)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("run")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def resumed_config(checkpoint: str, config_path, overrides) -> Config:
+    """The config to resume `checkpoint` with: the one it saved, plus overrides of RESUMABLE settings. With
+    --config the file is read as well and must describe the same run; out_dir is the checkpoint's run dir."""
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        saved = json.load(f).get("train_config")
+    if saved is None:
+        raise ConfigError(f"--resume {checkpoint}: its config.json has no train_config (not a train.py checkpoint)")
+    run_dir = os.path.dirname(os.path.abspath(checkpoint))
+    saved["train"]["out_dir"] = run_dir                              # the run dir as it is now (it may have moved)
+    was = flat(saved)
+    asked = load_config(config_path, overrides) if config_path else load_config(None, overrides, base=saved)
+    now = flat(asdict(asked))
+    explicit_dir = config_path or any(o.lstrip("-").startswith("train.out_dir=") for o in overrides)
+    if explicit_dir and os.path.abspath(asked.train.out_dir) != run_dir:
+        raise ConfigError(f"--resume {checkpoint} continues the run in {run_dir}, but train.out_dir={asked.train.out_dir}: a "
+                          f"resume writes only into its own run dir; pass --train.out_dir={run_dir} (or resume a checkpoint of "
+                          f"{asked.train.out_dir})")
+    asked.train.out_dir = run_dir
+    changed = config_differences(was, flat(asdict(asked)), [k for k in sorted(now) if k not in RESUMABLE])
+    if changed:
+        raise ConfigError(f"--resume {checkpoint}: the run there was started with other settings ({'; '.join(changed[:4])}"
+                          f"{f'; {len(changed) - 4} more' if len(changed) > 4 else ''}); a resume continues that run as it "
+                          f"was: drop these settings, or start a new run in another --train.out_dir")
+    for line in config_differences(was, flat(asdict(asked)), [k for k in RESUMABLE if k != "train.out_dir"]):
+        print(f"resume: {line}")
+    return asked
+
+
+def claim_run_dir(cfg: Config, resume: str | None, rank: int) -> dict:
+    """Check that cfg.train.out_dir may take this run (see the section comment), write its run.json, and return
+    the run's identity. Rank 0 writes; every rank checks (all raise the same error)."""
+    out = cfg.train.out_dir
+    ident = run_identity(cfg, sha256_file(cfg.data.data_path))
+    path = os.path.join(out, "run.json")
+    old = json.load(open(path)) if os.path.isfile(path) else None
+    code = code_version()
+    if resume:
+        if old is not None and old["run"] != ident["run"]:
+            what = ("the data file changed since the run started (sha256 " f"{old['data_sha256'][:12]} -> {ident['data_sha256'][:12]})"
+                    if old["identity"] == ident["identity"] else
+                    "; ".join(config_differences(old["identity"], ident["identity"])[:4]))
+            raise ConfigError(f"--resume: {out} holds a different run than this one ({what}); resume it with what it was "
+                              f"started with, or start a new run in another --train.out_dir")
+        if old is not None and old["starts"][-1]["code"] != code:
+            print(f"resume: the code changed since the last start ({old['starts'][-1]['code']} -> {code}; {', '.join(CODE_FILES)})")
+        starts = (old["starts"] if old else []) + [{"code": code, "resumed_from": os.path.basename(resume),
+                                                     "time": time.strftime("%Y-%m-%d %H:%M:%S")}]
+    else:
+        found = run_checkpoints(out)
+        if found and not cfg.train.overwrite:
+            raise ConfigError(f"{out} already holds a run (checkpoints {', '.join(found[-2:])}): --resume auto continues it, "
+                              f"--train.overwrite=true replaces it, or choose another --train.out_dir")
+        if rank == 0:
+            for name in found + [n for n in ("latest", "log.jsonl", "run.json", "data_report.txt")
+                                 if os.path.isfile(os.path.join(out, n))]:
+                (shutil.rmtree if name.startswith("step_") else os.remove)(os.path.join(out, name))
+            if found:
+                print(f"train.overwrite: removed the previous run in {out} ({len(found)} checkpoints, its log)")
+        starts = [{"code": code, "resumed_from": None, "time": time.strftime("%Y-%m-%d %H:%M:%S")}]
+    if rank == 0:
+        with open(path + ".tmp", "w") as f:
+            json.dump(ident | {"starts": starts}, f, indent=1)
+        os.replace(path + ".tmp", path)
+    return ident
+
+
+def truncate_log(path: str, step: int):
+    """Keep the rows of the steps before `step` (a row's "step" counts from 0; step_N holds N steps), so that
+    after a resume every step has exactly one row."""
+    if not os.path.isfile(path):
+        return
+    rows = [line for line in open(path) if line.strip() and json.loads(line).get("step", -1) < step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+
+# -----------------------------------------------------------------------------
+# Before any long work: every path, the cross-field constraints, the output dir
+
+
+def check_before_work(cfg: Config, records: list):
+    """What can be checked before the dataset is built and the model loaded: each failure a ConfigError naming
+    the setting, the value and the fix. Enums and value ranges are checked when the config is built."""
+    d, src = cfg.data, cfg.init
+    if d.image_folder and not os.path.isdir(d.image_folder):
+        raise ConfigError(f"data.image_folder={d.image_folder!r} is not a directory (the JSON's 'image' paths are relative to it)")
+    sample = [os.path.join(d.image_folder, p) for rec in records[:256] if isinstance(rec, dict)
+              for p in ([rec["image"]] if isinstance(rec.get("image"), str) else rec.get("image") or [])
+              if isinstance(p, str)][:64]
+    if sample and not any(os.path.isfile(p) for p in sample):
+        raise ConfigError(f"data.image_folder={d.image_folder!r}: none of the first {len(sample)} images of {d.data_path} is "
+                          f"there (e.g. {sample[0]}); point --data.image_folder at the folder the 'image' paths are relative to")
+    for key, path in (("init.llm", src.llm), ("init.vision_tower", src.vision_tower)) if src.source == "hf" else ():
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"{key}={path!r}: no config.json there (init.source = 'hf' needs a local HF model dir)")
+    if src.source == "checkpoint":
+        start = latest_checkpoint(src.checkpoint)
+        if not os.path.isfile(os.path.join(start, "config.json")):
+            raise ConfigError(f"init.checkpoint={src.checkpoint!r}: no config.json there (expected a step_* dir, a run dir, "
+                              "or a LLaVA / MoE-LLaVA dir)")
+        if src.vision_tower and not os.path.isfile(os.path.join(src.vision_tower, "config.json")):
+            raise ConfigError(f"init.vision_tower={src.vision_tower!r}: no config.json there")
+    tower = tower_image_size(cfg)
+    if tower is not None and tower != d.image_size:
+        raise ConfigError(f"data.image_size={d.image_size} but the vision tower takes {tower}-pixel images: set "
+                          f"--data.image_size={tower}")
+    try:
+        os.makedirs(cfg.train.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.train.out_dir, ".write_test"), "w"):
+            pass
+        os.remove(os.path.join(cfg.train.out_dir, ".write_test"))
+    except OSError as e:
+        raise ConfigError(f"train.out_dir={cfg.train.out_dir!r} is not writable ({e.strerror}): choose another") from None
+
+
+def tower_image_size(cfg: Config) -> int | None:
+    """The image side the vision tower is built for, read from configs only (None: not known without loading)."""
+    src = cfg.init
+    if src.source == "scratch":
+        return cfg.model.vision.image_size
+    folder = src.vision_tower or (latest_checkpoint(src.checkpoint) if src.source == "checkpoint" else "")
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if saved.get("format") == "moe-vlm":                              # ours: the tower is inside
+        return saved["llava"]["vision"]["image_size"]
+    if src.vision_tower:                                               # an HF CLIP / SigLIP dir
+        return VisionConfig.from_hf(saved).image_size
+    return None                                                        # an HF LLaVA dir: the tower is elsewhere
+
+
+def check_skips(stats, n_skipped: int, n_drawn: int, max_share: float, out_dir: str, rank: int, when: str):
+    """Stop when more than max_share of the records drawn so far were skipped; the report goes to
+    out_dir/data_report.txt as well as into the error."""
+    share = n_skipped / max(n_drawn, 1)
+    if share > max_share:
+        if rank == 0:
+            with open(os.path.join(out_dir, "data_report.txt"), "w") as f:
+                f.write(stats.report(max_examples=20) + "\n")
+        counts = ", ".join(f"{r} {n}" for r, n in stats.counts().most_common())
+        raise ConfigError(f"{when}: {n_skipped} of {n_drawn} records skipped ({share:.1%} > data.max_skip_share="
+                          f"{max_share}: {counts}); see {out_dir}/data_report.txt, fix the data or raise --data.max_skip_share")
 
 # -----------------------------------------------------------------------------
 # The training loop
@@ -537,6 +769,9 @@ def main(argv=None):
         raise ConfigError(f"arguments must be --config FILE, --resume DIR or --section.key=value; got {flags}")
     overrides = flags
     cfg = load_config(config_path, overrides)
+    resume = resolve_resume(resume, cfg.train.out_dir) if resume else None
+    if resume:                                                        # the run as it was started (run identity)
+        cfg = resumed_config(resume, config_path, overrides)
     rank, world, device = setup_distributed()
     tc = cfg.train
     if tc.global_batch_size % (tc.micro_batch_size * world):
@@ -548,13 +783,26 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if rank == 0:
-        print(f"config ({config_path or 'defaults'}):\n{json.dumps(asdict(cfg), indent=1)}")
+        print(f"config ({config_path or 'defaults'}{f', resuming {resume}' if resume else ''}):\n{json.dumps(asdict(cfg), indent=1)}")
 
-    # ---- data --------------------------------------------------------------------------------
-    tokenizer = Tokenizer.load(cfg.data.tokenizer_path, cfg.data.tokenizer_family)
-    dataset = LlavaJsonDataset(cfg.data, tokenizer)
+    # ---- every check that needs no long work, then the run dir, then the data ---------------------
+    try:
+        records = read_records(cfg.data.data_path)
+        tokenizer = Tokenizer.load(cfg.data.tokenizer_path, cfg.data.tokenizer_family)
+    except DataError as e:
+        raise ConfigError(e.detail) from None
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    check_before_work(cfg, records)
+    ident = claim_run_dir(cfg, resume, rank)
+    dataset = LlavaJsonDataset(cfg.data, tokenizer, records)
     if rank == 0:
         print(dataset.report())
+        with open(os.path.join(tc.out_dir, "data_report.txt"), "w") as f:
+            f.write(dataset.stats.report(max_examples=20) + "\n")
+    check_skips(dataset.stats, len(dataset.stats.skipped), len(records), cfg.data.max_skip_share, tc.out_dir, rank,
+                "loading the data")
+    load_skipped = len(dataset.stats.skipped)
     sampler = ModalityLengthGroupedSampler(dataset.modality_lengths, tc.micro_batch_size * accum, world, rank, tc.seed,
                                            group_by_modality_length=tc.stage != "pretrain")
     steps_per_epoch = len(sampler) // (tc.micro_batch_size * accum)
@@ -564,11 +812,11 @@ def main(argv=None):
 
     # ---- model, trainable set, parallelism, optimizer -------------------------------------------
     state = None
-    resume = resolve_resume(resume, tc.out_dir) if resume else None
     if resume:
-        cfg.init = InitConfig(source="checkpoint", checkpoint=resume)
         state = torch.load(os.path.join(resume, "trainer_state.pt"), map_location="cpu", weights_only=True)
-    model = build_model(cfg, tokenizer.vocab_size)
+    # a resume loads its own checkpoint's weights; cfg.init stays what the run was started from (its identity)
+    model = build_model(replace(cfg, init=InitConfig(source="checkpoint", checkpoint=resume)) if resume else cfg,
+                        tokenizer.vocab_size)
     set_trainable(model, tc).to(device)
     model.lm.activation_checkpointing = tc.activation_checkpointing
     raw = model
@@ -581,12 +829,13 @@ def main(argv=None):
                                                           find_unused_parameters=cfg.moe.impl == "loop",
                                                           gradient_as_bucket_view=True)
     optimizer = torch.optim.AdamW(param_groups(raw, tc), lr=tc.lr, betas=tuple(tc.adam_betas), fused=device.type == "cuda")
-    start = latest_checkpoint(cfg.init.checkpoint) if cfg.init.source == "checkpoint" else ""
+    start = resume or (latest_checkpoint(cfg.init.checkpoint) if cfg.init.source == "checkpoint" else "")
     tower_trained = tc.train_vision_tower or (os.path.isfile(os.path.join(start, "config.json")) and tower_was_trained(start))
     extra = {"data": cfg.data.to_checkpoint(), "train_config": asdict(cfg),     # eval preprocesses as training did
-             "vision_tower_trained": tower_trained}                         # export refuses to drop a trained tower
+             "vision_tower_trained": tower_trained,                         # export refuses to drop a trained tower
+             "run": ident["run"]}                                           # keep_last prunes this run's only
     ctx = Context(cfg, model, raw, optimizer, sampler, rank, world, device, extra, tokenizer,
-                  STGC(cfg.stgc) if cfg.stgc.enabled and tc.stage in ("moe", "mole") else None)
+                  STGC(cfg.stgc) if cfg.stgc.enabled else None)
     step, epoch, consumed = 0, 0, 0
     if state is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -608,8 +857,10 @@ def main(argv=None):
         print(describe_compute(raw, device, bf16=tc.dtype == "bf16" and device.type == "cuda"))
 
     # ---- loop ----------------------------------------------------------------------------------
-    os.makedirs(tc.out_dir, exist_ok=True)
+    if rank == 0:
+        truncate_log(os.path.join(tc.out_dir, "log.jsonl"), step)     # rows past the resumed step are redone
     log_file = open(os.path.join(tc.out_dir, "log.jsonl"), "a") if rank == 0 else None
+    drawn = 0                                                          # samples drawn by this process (skip share)
     peak = peak_flops(device)
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"{tc.stage}")
     raw.train()
@@ -622,6 +873,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             log = train_step(ctx, micro, step, total_steps)
             consumed += accum * tc.micro_batch_size
+            drawn += accum * tc.micro_batch_size
             step += 1
             dt = time.perf_counter() - t0
             n_images = sum(len(mb["images"]) for mb in micro) * world
@@ -637,6 +889,8 @@ def main(argv=None):
                     log_file.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{log['lm_loss']:.3f}", lr=f"{log.get('lr', 0):.1e}")
+            check_skips(dataset.stats, len(dataset.stats.skipped) - load_skipped, drawn, cfg.data.max_skip_share,
+                        tc.out_dir, rank, f"step {step}")        # records that fail only when read (images, length)
             if step == total_steps or stop.requested(world, device):
                 break
             if tc.save_every and step % tc.save_every == 0:
@@ -651,6 +905,8 @@ def main(argv=None):
     last_saved = save_checkpoint(ctx, step, consumed, epoch)
     if rank == 0:
         print(dataset.report())
+        with open(os.path.join(tc.out_dir, "data_report.txt"), "w") as f:
+            f.write(dataset.stats.report(max_examples=20) + "\n")
         print(f"saved {last_saved}")
         log_file.close()
     if world > 1:
@@ -710,5 +966,5 @@ def export_moe_llava(checkpoint, out_dir, drop_trained_tower=False):
 if __name__ == "__main__":
     try:
         main()
-    except ConfigError as e:                                          # a mistake in the command: one line, no traceback
+    except (ConfigError, DataError) as e:                             # a mistake in the command or data: one line
         sys.exit(f"error: {e}")
