@@ -463,8 +463,8 @@ class Tokenizer:
             pos += len(chunk)
         return ids, spans
 
-    def tokenize_with_images(self, text: str) -> list[int]:
-        return ([self.bos_id] if self.bos_id is not None else []) + self.encode_spans(text)[0]
+    def tokenize_with_images(self, text: str, bos: bool = True) -> list[int]:
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + self.encode_spans(text)[0]
 
 # -----------------------------------------------------------------------------
 # Conversation templates (§3.3)
@@ -483,6 +483,9 @@ class Template:
     roles: tuple = ("USER", "ASSISTANT")
     sep: str = " "
     sep2: str = "<|endoftext|>"          # closes every assistant turn; supervised
+    bos: bool = True                     # False: no BOS even where the tokenizer has one (LLaVA-MoLE's inference)
+    image_newline: bool = True           # False: a "\n" right after "<image>" goes with the marker (LLaVA-MoLE
+                                         # splits its prompt at "<image>\n", docs/llava_mole.md §2)
 
     def segments(self, turns: list[str]) -> list[tuple[str, bool]]:
         """(text, supervised) pieces whose concatenation is the rendered conversation.
@@ -498,7 +501,8 @@ class Template:
         user, assistant = self.roles
         segs, head = [], self.system + self.sep
         for i in range(0, len(turns), 2):
-            segs.append((f"{head}{user}: {turns[i]}{self.sep}{assistant}:", False))
+            turn = turns[i] if self.image_newline else turns[i].replace(IMAGE_PLACEHOLDER + "\n", IMAGE_PLACEHOLDER)
+            segs.append((f"{head}{user}: {turn}{self.sep}{assistant}:", False))
             if i + 1 < len(turns):
                 segs.append((" " + turns[i + 1] + self.sep2, True))
             head = ""
@@ -516,6 +520,9 @@ TEMPLATES = {
     "v1": Template("v1", sep2="</s>"),
     "vicuna_v1": Template("vicuna_v1", sep2="</s>"),
     "llava_v1": Template("llava_v1", system=SYSTEM_LLAVA, sep2="</s>"),
+    # LLaVA-MoLE's released inference prompt: Vicuna v1, each piece tokenized without special tokens (no BOS), the
+    # prompt split at "<image>\n" (docs/llava_mole.md §2). Its training prompt is not released: the same, inferred.
+    "mole_v1": Template("mole_v1", sep2="</s>", bos=False, image_newline=False),
 }
 
 # -----------------------------------------------------------------------------
@@ -551,7 +558,7 @@ def tokenize_conversation(tok: Tokenizer, template: Template, turns: list[str]) 
             raise DataError("token_mismatch", f"token {tok.tk.id_to_token(i)!r} crosses the segment boundary "
                                               f"after {segs[k][0][-30:]!r}")
         labels.append(i if segs[k][1] and i != IMAGE_TOKEN_INDEX else IGNORE_INDEX)
-    if tok.bos_id is not None:                        # BOS is never supervised (preprocess_v1 starts at 1)
+    if tok.bos_id is not None and template.bos:       # BOS is never supervised (preprocess_v1 starts at 1)
         ids, labels = [tok.bos_id] + ids, [IGNORE_INDEX] + labels
     return ids, labels
 

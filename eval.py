@@ -52,7 +52,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from benchmarks import BENCHMARKS, DataFileError, read_json, record_key
-from data import (TEMPLATES, DataConfig, LlavaJsonDataset, Tokenizer, check_template, collate, load_image, process_image)
+from data import (IMAGE_PLACEHOLDER, TEMPLATES, DataConfig, LlavaJsonDataset, Tokenizer, check_template, collate, load_image, process_image)
 from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaModel
 from moe import LoRAExperts, MoELayer, check_choice
 from stgc import STGCConfig, find_conflicts
@@ -84,11 +84,17 @@ class EvalConfig:
     expert_loading: bool = True        # count the experts' tokens per benchmark and MoE layer while generating
     conflicts: str = ""                # a labelled LLaVA JSON: STGC conflict statistics of the checkpoint
     conflict_samples: int = 64         # how many of its records
+    # LLaVA-MoLE's evaluation wrapper (docs/llava_mole.md §2), off unless set: a prefix to every question, and HF's
+    # repetition penalty on the generated tokens (10.0 there; 1.0 = none)
+    question_prefix: str = ""
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         if not self.checkpoint:
             raise ValueError("--checkpoint is required")
         check_choice("--dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"--repetition-penalty={self.repetition_penalty} must be > 0 (1.0: none)")
         if self.template:                                              # '' = the checkpoint's own
             check_choice("--template", self.template, TEMPLATES)
         names = list(BENCHMARKS) if self.benchmark == "all" else [b.strip() for b in self.benchmark.split(",")]
@@ -204,15 +210,20 @@ def load_benchmark(cfg: EvalConfig, name: str):
 class PromptSet(torch.utils.data.Dataset):
     """Token ids of each rendered prompt and its preprocessed image (None for a text-only question)."""
 
-    def __init__(self, questions, tok, template, data_cfg):
+    def __init__(self, questions, tok, template, data_cfg, question_prefix=""):
         self.questions, self.tok, self.template, self.data_cfg = questions, tok, template, data_cfg
+        self.prefix = question_prefix
 
     def __len__(self):
         return len(self.questions)
 
     def __getitem__(self, i):
         q = self.questions[i]
-        ids = self.tok.tokenize_with_images(self.template.render([q.user]))   # "... ASSISTANT:" (§5.1)
+        user = q.user
+        if self.prefix:                          # LLaVA-MoLE prefixes the question, then puts "<image>\n" before it
+            image = IMAGE_PLACEHOLDER + "\n" if user.startswith(IMAGE_PLACEHOLDER + "\n") else ""
+            user = image + self.prefix + user[len(image):]
+        ids = self.tok.tokenize_with_images(self.template.render([user]), bos=self.template.bos)   # "... ASSISTANT:" (§5.1)
         image = None
         if q.image is not None:
             img = Image.open(io.BytesIO(q.image)) if isinstance(q.image, bytes) else load_image(q.image)
@@ -243,7 +254,7 @@ def generate_answers(model, tok, template, data_cfg, bench, questions, cfg: Eval
         return
     # model_vqa.py / model_vqa_science.py call the image processor directly: no pad to square (§5.1)
     dcfg = data_cfg if bench.pad_images else replace(data_cfg, image_aspect="square")
-    loader = torch.utils.data.DataLoader(PromptSet(questions, tok, template, dcfg), batch_size=cfg.batch_size,
+    loader = torch.utils.data.DataLoader(PromptSet(questions, tok, template, dcfg, cfg.question_prefix), batch_size=cfg.batch_size,
                                          num_workers=cfg.workers, collate_fn=list)
     eos, max_new = stop_ids(tok, template), cfg.max_new_tokens or bench.max_new_tokens
     with open(path, "a", encoding="utf-8") as f:
@@ -253,7 +264,8 @@ def generate_answers(model, tok, template, data_cfg, bench, questions, cfg: Eval
             pixels = torch.stack(pixels) if pixels else None                  # [N, 3, S, S], placeholder order
             if loading is not None:
                 loading.begin(ids)
-            new = model.generate(list(ids), pixels, max_new_tokens=max_new, eos_token_id=eos)
+            new = model.generate(list(ids), pixels, max_new_tokens=max_new, eos_token_id=eos,
+                                 repetition_penalty=cfg.repetition_penalty)
             if loading is not None:
                 loading.end(new)
             for i, tokens in zip(index, new):
@@ -371,6 +383,7 @@ def answer_fingerprint(cfg: EvalConfig, name: str, files: dict, device) -> dict:
     settings = {"benchmark": name, "question_file": file_sha256(question_file(cfg, name)),
                 "max_new_tokens": cfg.max_new_tokens or BENCHMARKS[name].max_new_tokens,
                 "template": cfg.template or "(checkpoint's)", "device_type": device.type,
+                "question_prefix": cfg.question_prefix, "repetition_penalty": cfg.repetition_penalty,
                 "dtype": ("bfloat16" if device.type == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype}
     blob = json.dumps({"files": files, "settings": settings}, sort_keys=True).encode()
     return {"fingerprint": hashlib.sha256(blob).hexdigest()[:12], "files": files, "settings": settings}
@@ -445,7 +458,7 @@ class ExpertLoading:
 
     def __init__(self, model):
         self.layers = moe_layers(model)
-        self.P = model.cfg.vision.num_features
+        self.P = model.cfg.image_positions                             # features (+ MoLE's start / end tokens)
         self.E = model.cfg.lm.moe.num_experts if self.layers else 0
         self.K = model.cfg.lm.moe.top_k if self.layers else 0
         self.records = None
@@ -546,7 +559,7 @@ def conflict_statistics(model, tok, data_cfg, cfg: EvalConfig, device) -> dict:
     layers = moe_layers(model)
     if not layers:
         return {"split": cfg.conflicts, "note": "the model has no routed MoE layer"}
-    n, E, P = min(len(ds), cfg.conflict_samples), model.cfg.lm.moe.num_experts, model.cfg.vision.num_features
+    n, E, P = min(len(ds), cfg.conflict_samples), model.cfg.lm.moe.num_experts, model.cfg.image_positions
     zeros = lambda *s: torch.zeros(*s, dtype=torch.float64)   # noqa: E731
     pairs, conflicts, cos = zeros(len(layers), E), zeros(len(layers), E), zeros(len(layers), E)
     kind_pairs, kind_conflicts = zeros(len(layers), len(KINDS)), zeros(len(layers), len(KINDS))
@@ -724,8 +737,9 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--benchmark", default="all", help=f"'all' or a comma-separated list of: {', '.join(BENCHMARKS)}")
     p.add_argument("--data", default=d["data"].default, help="the benchmarks' root (LLaVA-1.5 eval.zip layout)")
     for name in ("vision_tower", "out", "model_id", "image_folder", "template", "tokenizer", "device", "dtype",
-                 "conflicts"):
+                 "conflicts", "question_prefix"):
         p.add_argument("--" + name.replace("_", "-"), default=d[name].default)
+    p.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"].default)
     for name in ("batch_size", "max_samples", "max_new_tokens", "workers", "conflict_samples"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=d[name].default)
     p.add_argument("--questions", action="append", default=[], metavar="NAME=FILE",

@@ -14,10 +14,12 @@ What is here, top to bottom:
                     with SDPA + GQA + KV cache, SwiGLU or GELU MLP, sequential or parallel blocks.
                     Families: Llama / Mistral / Qwen2 ('llama'), StableLM-2 ('stablelm'),
                     Phi-2 ('phi'), Qwen-1 ('qwen'). One class, options, no class per family.
-  5. LLaVA glue     image features spliced at IMAGE_TOKEN_INDEX positions (labels -100 there)
+  5. LLaVA glue     image features spliced at IMAGE_TOKEN_INDEX positions (labels -100 there), optionally between
+                    LLaVA-MoLE's learned start / end tokens
   6. generation     batched greedy decoding, left padding, KV cache, per-sequence EOS stop
   7. loading        HF checkpoint dirs (safetensors, sharded, or pytorch_model.bin read with
                     weights_only=True) through one strict key map per family.
+  8. LLaVA-MoLE     its released checkpoint format (load_mole_release, docs/llava_mole.md §5).
 
 The semantics follow ../shared/reference/moe_llava.md §1-2 (MoE-LLaVA at 6cb5f66, transformers 4.37);
 MoE layers (moe.py) replace the dense MLPs in Step 2 and report routing through `out.routing`.
@@ -36,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from moe import MoEConfig, apply_attention_lora, check_choice, make_moe_mlp, routers_to_fp32
+from moe import MoEConfig, apply_attention_lora, check_choice, is_moe_trainable, make_moe_mlp, mole_balance_loss, routers_to_fp32
 
 IGNORE_INDEX = -100        # label value the loss ignores (MoE-LLaVA constants.py)
 IMAGE_TOKEN_INDEX = -200   # input id standing for one image's features (MoE-LLaVA constants.py)
@@ -219,11 +221,20 @@ class LlavaConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     projector: str = "mlp2x_gelu"      # 'mlp2x_gelu' | 'linear'
+    # LLaVA-MoLE as released: a learned start and end embedding right before and after each image's projected
+    # features, P + 2 positions per image (docs/llava_mole.md §1). They live in the projector (the released
+    # `in_adaptor` holds both), so they train and save with it.
+    image_start_end: bool = False
 
     def __post_init__(self):                                           # from a saved config JSON
         self.vision = VisionConfig(**self.vision) if isinstance(self.vision, dict) else self.vision
         self.lm = LMConfig(**self.lm) if isinstance(self.lm, dict) else self.lm
         check_choice("model.projector", self.projector, ("mlp2x_gelu", "linear"))
+
+    @property
+    def image_positions(self) -> int:
+        """Sequence positions one image takes after splicing: its P features (+ the start and end tokens)."""
+        return self.vision.num_features + 2 * self.image_start_end
 
 # -----------------------------------------------------------------------------
 # 2. Vision tower
@@ -292,9 +303,11 @@ class VisionTower(nn.Module):
 
 
 class Projector(nn.Sequential):
-    """mlp2x_gelu: Linear(C, D), GELU (exact), Linear(D, D) -- LLaVA-1.5 / MoE-LLaVA; or one Linear."""
+    """mlp2x_gelu: Linear(C, D), GELU (exact), Linear(D, D) -- LLaVA-1.5 / MoE-LLaVA; or one Linear.
+    start_end: also LLaVA-MoLE's learned start / end token embeddings [1, 1, D] (normal, std D^-0.5, as released);
+    the caller (LlavaModel.encode_images) places them around each image, the Sequential itself never runs them."""
 
-    def __init__(self, kind: str, in_dim: int, out_dim: int):
+    def __init__(self, kind: str, in_dim: int, out_dim: int, start_end: bool = False):
         if kind == "mlp2x_gelu":
             super().__init__(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
         elif kind == "linear":
@@ -302,6 +315,10 @@ class Projector(nn.Sequential):
         else:
             raise ValueError(f"unknown projector {kind!r} (mlp2x_gelu | linear)")
         self.apply(_init_weights)
+        self.start_token = self.end_token = None
+        if start_end:
+            self.start_token = nn.Parameter(torch.randn(1, 1, out_dim) * out_dim ** -0.5)
+            self.end_token = nn.Parameter(torch.randn(1, 1, out_dim) * out_dim ** -0.5)
 
 # -----------------------------------------------------------------------------
 # 4. Decoder language model
@@ -558,6 +575,8 @@ class LanguageModel(nn.Module):
         image or prompt tokens), and `logits` is None."""
         h, routing = self.hidden_states(input_ids, inputs_embeds, attention_mask, kv_cache)   # [B, T, D]
         aux = sum((r.aux_loss for r in routing), h.new_zeros((), dtype=torch.float32))   # unweighted; alpha in train.py
+        if routing and self.cfg.moe.kind == "lora" and self.cfg.moe.mole_balance == "released":
+            aux = mole_balance_loss(routing)                           # layers pooled per sample, not a sum (moe.py)
         if labels is None:
             return ModelOutput(logits=self.lm_head(h), aux_loss=aux, routing=routing)
         targets = labels[:, 1:]                                        # position t predicts token t+1
@@ -574,10 +593,14 @@ class LanguageModel(nn.Module):
         return ModelOutput(loss=loss, num_tokens=n, aux_loss=aux, routing=routing)
 
     @torch.no_grad()
-    def generate(self, input_ids=None, inputs_embeds=None, max_new_tokens=128, eos_token_id=None):
+    def generate(self, input_ids=None, inputs_embeds=None, max_new_tokens=128, eos_token_id=None,
+                 repetition_penalty=1.0):
         """Batched greedy decoding. Give a list of prompts, `input_ids` (1-D id tensors or lists) or
         `inputs_embeds` ([T_i, D] tensors); they are left-padded here. Returns one list of new token
-        ids per prompt, stopping at (and excluding) the first EOS, or after max_new_tokens."""
+        ids per prompt, stopping at (and excluding) the first EOS, or after max_new_tokens.
+        repetition_penalty != 1: HF's rule (a logit z of a token already generated becomes z / p if z > 0, else
+        z * p) over the generated tokens only, as HF generate from inputs_embeds applies it (its input_ids start
+        empty there): LLaVA-MoLE's evaluation uses 10 (docs/llava_mole.md §2)."""
         if inputs_embeds is None:
             device = self.embed_tokens.weight.device
             inputs_embeds = [self.embed_tokens(torch.as_tensor(ids, device=device)) for ids in input_ids]
@@ -586,8 +609,18 @@ class LanguageModel(nn.Module):
         eos = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                               device=embeds.device)
         cache = KVCache(self.cfg, B, T + max_new_tokens, embeds.dtype, embeds.device)
+        seen = torch.zeros(B, self.cfg.vocab_size, dtype=torch.bool, device=embeds.device)   # generated so far
+
+        def pick(logits_BV):
+            if repetition_penalty != 1.0:
+                penalised = torch.where(logits_BV > 0, logits_BV / repetition_penalty, logits_BV * repetition_penalty)
+                logits_BV = torch.where(seen, penalised, logits_BV)
+            tok = logits_BV.argmax(-1)                                 # [B]
+            seen[torch.arange(B, device=tok.device), tok] = True
+            return tok
+
         h, _ = self.hidden_states(inputs_embeds=embeds, attention_mask=mask, kv_cache=cache)
-        next_tok = self.lm_head(h[:, -1]).argmax(-1)                   # [B]
+        next_tok = pick(self.lm_head(h[:, -1]))                        # [B]
         new = []
         done = torch.zeros(B, dtype=torch.bool, device=embeds.device)
         for step in range(max_new_tokens):
@@ -597,7 +630,7 @@ class LanguageModel(nn.Module):
                 break
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             h, _ = self.hidden_states(input_ids=next_tok[:, None], attention_mask=mask, kv_cache=cache)
-            next_tok = self.lm_head(h[:, -1]).argmax(-1)
+            next_tok = pick(self.lm_head(h[:, -1]))
         out = torch.stack(new, dim=1).tolist()                         # [B, n]
         return [row[:row.index(-1)] if -1 in row else row for row in out]
 
@@ -633,14 +666,19 @@ class LlavaModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision_tower = VisionTower(cfg.vision)
-        self.projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.lm.hidden_size)
+        self.projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.lm.hidden_size, cfg.image_start_end)
         self.lm = LanguageModel(cfg.lm)
 
     def encode_images(self, images):                                   # [N, 3, H, W]
         # The tower is frozen in every paper stage; skip its graph unless someone unfroze it (demo).
         with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())):
             feats = self.vision_tower(images)                          # [N, P, C]
-        return self.projector(feats.to(self.projector[0].weight.dtype))   # [N, P, D]
+        feats = self.projector(feats.to(self.projector[0].weight.dtype))   # [N, P, D]
+        if self.projector.start_token is not None:                     # LLaVA-MoLE: [start, features, end]
+            N = feats.shape[0]
+            feats = torch.cat([self.projector.start_token.to(feats.dtype).expand(N, 1, -1), feats,
+                               self.projector.end_token.to(feats.dtype).expand(N, 1, -1)], dim=1)   # [N, P + 2, D]
+        return feats
 
     def splice(self, ids_list, image_features, labels_list=None):
         """Per sample, replace each IMAGE_TOKEN_INDEX by the next image's P feature vectors.
@@ -681,22 +719,25 @@ class LlavaModel(nn.Module):
         if feats is None and torch.is_grad_enabled() and any(p.requires_grad for p in self.projector.parameters()):
             # A text-only batch still runs the projector on zero features, so a trainable projector gets a
             # (zero) gradient and DDP sees every parameter used (MoE-LLaVA's feat[0:0] trick, reference §1.10).
-            empty = self.projector(self.projector[0].weight.new_zeros(0, self.cfg.vision.hidden_size))
-            embeds[0] = embeds[0] + empty.sum()
+            empty = self.projector(self.projector[0].weight.new_zeros(0, self.cfg.vision.hidden_size)).sum()
+            if self.projector.start_token is not None:                 # MoLE's start / end tokens likewise
+                empty = empty + 0 * (self.projector.start_token.sum() + self.projector.end_token.sum())
+            embeds[0] = embeds[0] + empty
         # Re-pad on the right; positions restart at 0 per sample (MoE-LLaVA llava_arch.py, reference §1.10).
         embeds, mask = pad_sequences(embeds, side="right")             # [B, T', D], [B, T']
         labs, _ = pad_sequences(labs, side="right", value=IGNORE_INDEX)
         return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labs if labels is not None else None)
 
     @torch.no_grad()
-    def generate(self, input_ids, images=None, max_new_tokens=128, eos_token_id=None):
+    def generate(self, input_ids, images=None, max_new_tokens=128, eos_token_id=None, repetition_penalty=1.0):
         """input_ids: a list of 1-D prompts (ids or tensors, unpadded, with placeholders); images
         [N, 3, H, W] in placeholder order. Returns one list of new token ids per prompt."""
         device = self.lm.embed_tokens.weight.device
         ids_list = [torch.as_tensor(ids, device=device) for ids in input_ids]
         feats = self.encode_images(images.to(device)) if images is not None and len(images) else None
         embeds, _ = self.splice(ids_list, feats)
-        return self.lm.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+        return self.lm.generate(inputs_embeds=embeds, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                repetition_penalty=repetition_penalty)
 
     @classmethod
     def from_pretrained(cls, path, vision_tower=None, dtype=torch.float32):
@@ -905,9 +946,10 @@ def load_checkpoint(path, dtype=torch.float32) -> dict:
     return tensors
 
 
-def convert_state_dict(hf_sd: dict, key_map: dict, ignored: list, expected: dict, where) -> dict:
+def convert_state_dict(hf_sd: dict, key_map: dict, ignored: list, expected: dict, where, optional=()) -> dict:
     """Rename HF tensors to ours through key_map, strictly: every HF key is mapped or matches an
-    `ignored` regex, every expected key is produced, and every shape agrees; else an error naming the key."""
+    `ignored` regex, every expected key is produced (but those in `optional`, which the caller fills from
+    elsewhere), and every shape agrees; else an error naming the key."""
     out, slots = {}, {}
     ignored_re = re.compile("|".join(f"(?:{p})" for p in ignored) or "(?!)")
     for hf_key, t in hf_sd.items():
@@ -943,7 +985,8 @@ def convert_state_dict(hf_sd: dict, key_map: dict, ignored: list, expected: dict
         if out[name].shape != expected[name].shape:
             raise ValueError(f"{where}: shape mismatch for experts of {name!r}: checkpoint "
                              f"{tuple(out[name].shape)}, model {tuple(expected[name].shape)}")
-    missing = [k for k in expected if k not in out]
+    optional = set(optional)
+    missing = [k for k in expected if k not in out and k not in optional]
     if missing:
         raise KeyError(f"{where}: missing checkpoint keys for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return out
@@ -997,6 +1040,114 @@ def _with_tied(model, sd):
     if lm.cfg.tie_embeddings:
         sd[prefix + "lm_head.weight"] = sd[prefix + "embed_tokens.weight"]
     return sd
+
+# -----------------------------------------------------------------------------
+# 8. LLaVA-MoLE's released checkpoint (docs/llava_mole.md §5): a torch.save'd {"state_dict": ...} under the module
+# names of its code, loaded there with strict=False, so it may hold only the trainable tensors. Those (expert and
+# attention LoRA, routers, projector, start / end tokens) must all be in the file; the frozen Vicuna and CLIP
+# weights are taken from the file where it has them, else from their own HF dirs (which also give the configs).
+
+MOLE_LLM = "llm_model.base_model.model."                              # peft's wrapping of LlamaForCausalLM
+MOLE_PROJECTIONS = ("gate", "up", "down")
+
+
+def mole_release_key_map(cfg: "LlavaConfig") -> dict:
+    """Released name -> ours; '{}' = layer (then expert) index, 'x[{}]' = slot {} of our stacked expert tensor."""
+    L = MOLE_LLM + "model.layers.{}."
+    m = {MOLE_LLM + "model.embed_tokens.weight": "lm.embed_tokens.weight",
+         MOLE_LLM + "model.norm.weight": "lm.norm.weight",
+         MOLE_LLM + "lm_head.weight": "lm.lm_head.weight",
+         L + "input_layernorm.weight": "lm.layers.{}.attn_norm.weight",
+         L + "post_attention_layernorm.weight": "lm.layers.{}.mlp_norm.weight",
+         L + "mlp.router.weight": "lm.layers.{}.mlp.router.weight",
+         L + "mlp.router.bias": "lm.layers.{}.mlp.router.bias",
+         "in_adaptor.visual_start_token": "projector.start_token",
+         "in_adaptor.visual_end_token": "projector.end_token"}
+    for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for base in ("weight", "base_layer.weight"):                   # peft's two spellings of the frozen weight
+            m[L + f"self_attn.{p}.{base}"] = f"lm.layers.{{}}.attn.{p}.base.weight"
+        for ab in ("A", "B"):
+            m[L + f"self_attn.{p}.lora_{ab}.default.weight"] = f"lm.layers.{{}}.attn.{p}.lora_{ab}"
+    for p in MOLE_PROJECTIONS:
+        m[L + f"mlp.original_module.{p}_proj.weight"] = f"lm.layers.{{}}.mlp.base.{p}_proj.weight"
+        for ab in ("A", "B"):                                          # expert e's [r, in] / [out, r]
+            m[L + f"mlp.moe_{p}.{{}}.lora_{ab}"] = f"lm.layers.{{}}.mlp.lora_{ab}.{p}_proj[{{}}]"
+    for wb in ("weight", "bias"):
+        m[f"in_adaptor.projector.{{}}.{wb}"] = f"projector.{{}}.{wb}"
+    m |= {"vit.vision_tower.vision_model." + k: "vision_tower." + v for k, v in vision_key_map(cfg.vision).items()}
+    return m
+
+
+MOLE_IGNORED = [r".*rotary_emb\.inv_freq"] + [r"vit\.vision_tower\.vision_model\." + p for p in VISION_IGNORED]
+
+
+def read_mole_release(path) -> dict:
+    """The released file's state_dict, read with torch.load(weights_only=True): a pickle holding code is refused."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: refused to load (weights_only=True): {str(e).splitlines()[0]}") from None
+    if not isinstance(obj, dict) or "state_dict" not in obj:
+        keys = list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
+        raise KeyError(f"{path}: not a LLaVA-MoLE release file (a dict with 'state_dict'); it holds {keys}")
+    return obj["state_dict"]
+
+
+def mole_release_shapes(sd: dict, path) -> dict:
+    """Experts, MoE layers, rank and attention rank, read from the tensors (the file name can disagree: §1)."""
+    experts = [re.search(rf"layers\.(\d+)\.mlp\.moe_{MOLE_PROJECTIONS[0]}\.(\d+)\.lora_A$", k) for k in sd]
+    experts = [(int(m[1]), int(m[2])) for m in experts if m]
+    if not experts:
+        raise KeyError(f"{path}: no expert LoRA keys ('...mlp.moe_gate.{{e}}.lora_A'): not a LLaVA-MoLE state_dict")
+    rank = next(v.shape[0] for k, v in sd.items() if re.search(r"\.mlp\.moe_gate\.\d+\.lora_A$", k))
+    attn = [v.shape[0] for k, v in sd.items() if k.endswith("self_attn.q_proj.lora_A.default.weight")]
+    return {"num_experts": 1 + max(e for _, e in experts), "layers": sorted({i for i, _ in experts}),
+            "rank": rank, "attn_rank": attn[0] if attn else 0}
+
+
+def load_mole_release(path, llm, vision_tower, alpha=None, mixture="soft", top1_gate="one", dtype=torch.float32,
+                      log=print):
+    """A LlavaModel with LLaVA-MoLE's released semantics (router bias, `mixture` = 'soft' as its inference runs,
+    or 'top1' with `top1_gate`; last-layer CLIP features; start / end tokens; the released balance loss) and its
+    weights. llm / vision_tower: the local HF dirs of Vicuna-7B-v1.5 and CLIP ViT-L/14-336. The rank comes from
+    the tensor shapes; alpha from the argument, else the file name's 'a<alpha>' ('llava_mole_r16_a32_e3.pt'),
+    else it is an error; the log line says which."""
+    sd = read_mole_release(path)
+    shape = mole_release_shapes(sd, path)
+    name = os.path.basename(str(path))
+    if alpha is None:
+        found = re.search(r"(?:^|_)a(\d+(?:\.\d+)?)(?=[_.])", name)
+        if found is None:
+            raise ValueError(f"{path}: no alpha in the file name (like 'a32'); pass alpha=")
+        alpha, why = float(found[1]), f"from the file name {name!r}"
+    else:
+        alpha, why = float(alpha), "given"
+    named_rank = re.search(r"(?:^|_)r(\d+)(?=[_.])", name)
+    note = "" if named_rank is None or int(named_rank[1]) == shape["rank"] else f" (the file name says r{named_rank[1]})"
+    log(f"LLaVA-MoLE release {path}: {shape['num_experts']} experts on {len(shape['layers'])} layers, rank "
+        f"{shape['rank']} from the tensor shapes{note}, attention LoRA rank {shape['attn_rank']}, alpha {alpha:g} "
+        f"{why}: LoRA scale {alpha / shape['rank']:g}; mixture {mixture!r}" + (f", top-1 gate {top1_gate!r}" if mixture == "top1" else ""))
+    tower = VisionTower.from_pretrained(vision_tower, dtype, select_layer=-1)   # released: hidden_states[-1]
+    lm = LanguageModel.from_pretrained(llm, dtype)
+    n_layers = lm.cfg.num_layers
+    moe = MoEConfig(kind="lora", num_experts=shape["num_experts"], top_k=1, lora_rank=shape["rank"], lora_alpha=alpha,
+                    lora_dropout=0.05, attn_lora_rank=shape["attn_rank"], mole_router_bias=True, mole_mixture=mixture,
+                    mole_top1_gate=top1_gate, mole_balance="released",
+                    layers="dense" if shape["layers"] == list(range(n_layers)) else shape["layers"])
+    lm.install_moe(moe)
+    with torch.device("meta"):
+        model = LlavaModel(LlavaConfig(vision=tower.cfg, lm=lm.cfg, projector="mlp2x_gelu", image_start_end=True))
+    model.vision_tower, model.lm = tower, lm
+    expected = _expected(model)
+    frozen = [k for k in expected if not (k.startswith("projector.") or k.startswith("lm.") and is_moe_trainable(k[3:], "lora"))]
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    ours = convert_state_dict(cast, mole_release_key_map(model.cfg), MOLE_IGNORED, expected, path, optional=frozen)
+    from_dirs = {k: expected[k] for k in frozen if k not in ours}     # the tower's and Vicuna's own weights
+    log(f"  {len(ours)} tensors from the file, {len(from_dirs)} frozen ones from {llm} and {vision_tower}")
+    model.load_state_dict(_with_tied(model, ours | from_dirs), strict=True, assign=True)
+    model.lm.tie_weights()
+    return routers_to_fp32(model).eval()
+
 
 # -----------------------------------------------------------------------------
 # Smoke run (`python model.py`): a tiny random CLIP-shaped tower + projector + StableLM-shaped

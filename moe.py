@@ -8,9 +8,11 @@ moe.py: the Mixture-of-Experts layers of MoE-LLaVA and LLaVA-MoLE, and what they
                 dense FFN (§1.8). Dispatch paths that must agree: a per-expert loop (the reference), and two
                 fast ones, a grouped matmul over the assignments sorted by expert and a capacity-padded bmm;
                 `dispatch_path` is the one rule that chooses between them for a device and dtype.
-  LoRAExperts   LLaVA-MoLE: the dense MLP frozen, E LoRA experts on its projections, one top-1 router per
-                layer shared by the projections. num_experts=1 is the plain-LoRA baseline (no router).
-  LoRALinear    plain LoRA on a frozen Linear (optional attention LoRA for MoLE).
+  LoRAExperts   LLaVA-MoLE: the dense MLP frozen, E LoRA experts on its projections, one router per layer
+                shared by the projections; a soft mixture of all experts or the top-1 expert, as its released
+                code has both (docs/llava_mole.md). num_experts=1 is the plain-LoRA baseline (no router).
+                mole_balance_loss: the released balance loss (layers pooled, per sample).
+  LoRALinear    plain LoRA on a frozen Linear (MoLE's attention LoRA on q/k/v/o, as released).
   RoutingRecord what one MoE layer decided for one forward pass; read by stgc.py, eval.py and train.py.
 
 Only the dense FFN's wiring is needed from model.py: `ffn_forward` rebuilds it from named projections,
@@ -56,16 +58,44 @@ class MoEConfig:
     second_expert: str = "top2"        # 'top2' | 'gumbel'
     gumbel_at_eval: bool = False
     impl: str = "fast"                 # 'fast': dispatch_path's choice | 'grouped' | 'padded' | 'loop' (reference)
-    # LLaVA-MoLE: UNVERIFIED defaults (reference §7.2: no official code; third-party versions disagree).
-    lora_rank: int = 32                # UNVERIFIED
-    lora_alpha: float = 16.0           # UNVERIFIED
-    lora_dropout: float = 0.05         # UNVERIFIED
-    attn_lora_rank: int = 0            # >0: plain LoRA on q/k/v/o (UNVERIFIED which projections the paper uses)
+    # Routing objectives beside alpha * aux, to compare balancing methods on the same layer (docs/routing.md). All
+    # off by default; each combines with the others and with STGC; train.py's train_step adds the terms.
+    z_loss_coef: float = 0.0           # ST-MoE router z-loss: coef * sum over layers of mean_s logsumexp(z_s)^2 over real
+                                       # tokens (ST-MoE uses 1e-3, Megatron's --moe-z-loss-coeff suggests 1e-3)
+    seq_aux_loss_coef: float = 0.0     # the aux loss of each sample over its real tokens, averaged over samples, summed over
+                                       # layers (DeepSeek-V3's sequence-wise balance loss in MoE-LLaVA's first-choice form)
+    expert_bias: bool = False          # aux-loss-free balancing (DeepSeek-V3 §2.1.2): a per-expert bias on the scores that
+                                       # choose the experts, never on the combine weights; aux_loss_coef = 0 for aux-free only
+    expert_bias_rate: float = 0.001    # gamma: after each optimizer step bias += gamma * sign(mean load - load) (global batch)
+    # LLaVA-MoLE (kind='lora'). The released code (forwchen/LLaVA-MoLE 5876301, docs/llava_mole.md) sets: rank 16,
+    # alpha 32 (its checkpoint's name; its inference arguments say 32 / 64), dropout 0.05, attention LoRA of the
+    # experts' rank, every layer, router bias, soft mixture, the released balance loss: configs/mole_llava15.toml.
+    # The defaults here are our paper-only MoLE of before the release, kept reachable (README, "LLaVA-MoLE as released").
+    lora_rank: int = 32
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05         # released: 0.05 on every LoRA input (experts and attention)
+    attn_lora_rank: int = 0            # >0: plain LoRA on q/k/v/o (released: all four, the experts' rank)
+    mole_router_bias: bool = False     # released: the router is Linear(D, E) with a bias; ours had none
+    # 'soft': W x + sum_e p_e LoRA_e(x), every expert weighted by its router probability (the released inference,
+    #         `dense_moe`); 'top1': only the argmax expert's LoRA, with the coefficient mole_top1_gate says.
+    mole_mixture: str = "top1"
+    # top-1 coefficient: 'one' (released sparse mode: 1, so the LM loss gives the router no gradient, only the
+    # balance loss does) | 'straight_through' (onehot - p.detach() + p: the value of 'one', the gradient of the soft
+    # mixture, so the LM loss reaches the router; the released code computes it but only for the balance loss)
+    # | 'prob' (ours before the release: p_e, the Switch-style gate)
+    mole_top1_gate: str = "prob"
+    # 'switch': E * sum_e mean_prob_e * frac_e per layer, summed over layers (ours, route()) | 'released': per
+    # sample over its attended positions, all MoE layers pooled, sum_e mean(p)_e * mean(onehot)_e, no factor E,
+    # summed over samples / batch size (mole_balance_loss). Its weight (moe_balance_w) is not released: aux_loss_coef.
+    mole_balance: str = "switch"
 
     def __post_init__(self):
         check_choice("moe.kind", self.kind, ("ffn", "lora"))
         check_choice("moe.second_expert", self.second_expert, ("top2", "gumbel"))
         check_choice("moe.impl", self.impl, ("fast", "grouped", "padded", "loop"))
+        check_choice("moe.mole_mixture", self.mole_mixture, ("soft", "top1"))
+        check_choice("moe.mole_top1_gate", self.mole_top1_gate, ("one", "straight_through", "prob"))
+        check_choice("moe.mole_balance", self.mole_balance, ("switch", "released"))
         # checked here, at parse time, not when the model is built; only the indices' upper bound needs the model
         if isinstance(self.layers, (list, tuple)):
             if not all(type(i) is int and i >= 0 for i in self.layers):
@@ -78,6 +108,10 @@ class MoEConfig:
             raise ValueError(f"moe.num_experts={self.num_experts}: an 'ffn' MoE needs at least 2 experts")
         if self.kind == "lora" and self.top_k != 1:
             raise ValueError(f"moe.top_k={self.top_k}: LLaVA-MoLE routes each token to one LoRA expert; set top_k=1")
+        mole = [k for k, default in (("mole_router_bias", False), ("mole_mixture", "top1"), ("mole_top1_gate", "prob"),
+                                     ("mole_balance", "switch")) if getattr(self, k) != default]
+        if self.kind == "ffn" and mole:
+            raise ValueError(f"moe.{mole[0]}={getattr(self, mole[0])!r} is a LLaVA-MoLE option: it needs moe.kind='lora'")
 
     def layer_indices(self, num_layers: int) -> list:
         """Which decoder layers get an MoE (reference §1.4; MoE-LLaVA's moe_mode)."""
@@ -391,11 +425,17 @@ class LoRALinear(nn.Module):
 
 
 class LoRAExperts(nn.Module):
-    """LLaVA-MoLE: frozen dense MLP; E LoRA experts on each of its projections; one top-1 router per
-    layer shared by the projections. Each projection of a token routed to expert e computes
-    W x + p_e * (alpha/r) * B_e A_e x, p_e its gate probability: the router learns through p_e, and at
-    init (B = 0) the layer equals the dense MLP. Scaling the deltas (not the whole MLP output) by p_e is
-    our choice (UNVERIFIED, reference §7.2). num_experts = 1: plain LoRA, no router, p = 1."""
+    """LLaVA-MoLE: the dense MLP frozen; E LoRA experts on each of its projections; one router per layer on the
+    MLP input, shared by the projections (docs/llava_mole.md §1). Each projection of token s computes
+        W x + sum_e c_se * (alpha/r) * B_e A_e dropout(x)
+    with coefficients c [S, E] from cfg.mole_mixture and cfg.mole_top1_gate (p = softmax of the router logits):
+        soft                     c = p: every expert weighted by its probability (the released inference)
+        top1, one                c = onehot(argmax p) (released sparse mode: the LM loss gives the router no gradient)
+        top1, straight_through   c = onehot - p.detach() + p: the value of 'one', the gradient of 'soft'
+        top1, prob               c = onehot * p (ours before the release: the router learns through p_e)
+    At init (B = 0) the layer equals the dense MLP. num_experts = 1: plain LoRA, no router, c = 1.
+    Ours: one dropout mask serves every expert (the released code has one dropout per expert: the same
+    distribution per expert, a different joint one; no difference at evaluation)."""
 
     def __init__(self, cfg: MoEConfig, dense: nn.Module):
         super().__init__()
@@ -404,7 +444,8 @@ class LoRAExperts(nn.Module):
         self.kind = "swiglu" if hasattr(dense, "gate_proj") else "gelu"
         E, r, dev = cfg.num_experts, cfg.lora_rank, dense_device(dense)
         D = dense.down_proj.out_features if self.kind == "swiglu" else dense.fc2.out_features
-        self.router = nn.Linear(D, E, bias=False, dtype=torch.float32, device=dev) if E > 1 else None
+        self.router = (nn.Linear(D, E, bias=cfg.mole_router_bias, dtype=torch.float32, device=dev)   # default init
+                       if E > 1 else None)
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         for name in FFN_PROJECTIONS[self.kind]:
             lin = getattr(dense, name)
@@ -414,26 +455,44 @@ class LoRAExperts(nn.Module):
                 nn.init.kaiming_uniform_(self.lora_A[name][e], a=math.sqrt(5))
         self.scale, self.dropout = cfg.lora_alpha / r, nn.Dropout(cfg.lora_dropout)
 
+    def coefficients(self, probs_SE, expert_S):
+        """c [S, E] of the docstring, and the chosen expert's own coefficient [S, 1] (the record's weight)."""
+        onehot_SE = F.one_hot(expert_S, self.cfg.num_experts).to(probs_SE.dtype)
+        if self.cfg.mole_mixture == "soft":
+            c_SE = probs_SE
+        elif self.cfg.mole_top1_gate == "one":
+            c_SE = onehot_SE
+        elif self.cfg.mole_top1_gate == "straight_through":
+            c_SE = onehot_SE - probs_SE.detach() + probs_SE
+        else:
+            c_SE = onehot_SE * probs_SE
+        return c_SE, c_SE.gather(1, expert_S[:, None])
+
     def forward(self, x):                                              # [B, T, D]
         B, T, D = x.shape
         x_SD = x.reshape(-1, D)
         if self.router is None:
-            expert_S = torch.zeros(x_SD.shape[0], dtype=torch.long, device=x.device)
-            gate_S, record = torch.ones(x_SD.shape[0], device=x.device), None
+            c_SE, record = x_SD.new_ones(x_SD.shape[0], 1), None
         else:
+            # Top-1 without capacity needs none of route()'s queueing: argmax of the fp32 probabilities (as route()
+            # and the release take it), and route()'s Switch-style aux loss of the first choices.
+            S, E = x_SD.shape[0], self.cfg.num_experts
             logits_SE = router_logits(self.router, x_SD)
-            experts_SK, w_SK, kept_SK, aux, counts_E = route(logits_SE, self.cfg, self.training)
-            expert_S, gate_S = experts_SK[:, 0], w_SK[:, 0]            # top-1, dropless for LoRA experts
-            record = RoutingRecord(logits_SE, experts_SK, w_SK, kept_SK, aux, counts_E, (B, T))   # completed below
-        onehot_SE = F.one_hot(expert_S, self.cfg.num_experts).to(x.dtype) * gate_S.to(x.dtype)[:, None]
+            probs_SE = logits_SE.softmax(dim=-1)
+            expert_S = probs_SE.detach().argmax(dim=-1)               # [S]
+            counts_E = F.one_hot(expert_S, E).sum(dim=0)              # no host sync (bincount would)
+            aux = E * (probs_SE.mean(dim=0) * counts_E.float() / S).sum()
+            c_SE, w_SK = self.coefficients(probs_SE, expert_S)
+            record = RoutingRecord(logits_SE, expert_S[:, None], w_SK, torch.ones_like(w_SK, dtype=torch.bool), aux,
+                                   counts_E, (B, T))                  # completed below
 
         def linear(name, h):                                           # h [S, in]
-            # Every expert's rank-r code, the chosen one's kept (times its gate), then all experts' B side by side
-            # as one [out, E*r] matrix: one matmul, and no [S, E, out] tensor of every expert's delta. With E small
-            # and r << D this costs about E*r*(in+out)/(in*out) of the base (~8% at StableLM-1.6B).
+            # Every expert's rank-r code times its coefficient, then all experts' B side by side as one [out, E*r]
+            # matrix: one matmul, and no [S, E, out] tensor of every expert's delta. With E small and r << D this
+            # costs about E*r*(in+out)/(in*out) of the base (~8% at StableLM-1.6B).
             S, E, r = h.shape[0], self.cfg.num_experts, self.lora_A[name].shape[1]
             code_SEr = torch.einsum("si,eri->ser", self.dropout(h), self.lora_A[name].to(h.dtype))
-            code_SEr = code_SEr * onehot_SE.to(code_SEr.dtype)[:, :, None]   # only the chosen expert's code
+            code_SEr = code_SEr * c_SE.to(code_SEr.dtype)[:, :, None]
             B_OR = self.lora_B[name].to(h.dtype).permute(1, 0, 2).reshape(-1, E * r)   # [out, E*r]
             delta = F.linear(code_SEr.reshape(S, E * r), B_OR)             # [S, out]
             return getattr(self.base, name)(h) + self.scale * delta
@@ -445,7 +504,10 @@ class LoRAExperts(nn.Module):
         return y, record
 
     # One expert as a pure function of its LoRA parameters (torch.func, STGC): the frozen MLP plus expert e's
-    # deltas, scaled by the token's gate probability inside the expert (gate_inside = True). No dropout here.
+    # deltas times `gate`, the record's weight (its coefficient; inside the expert: gate_inside = True). No dropout.
+    # With 'soft' every other expert's delta is added too, from the layer's own weights (constants here) and the
+    # token's router probabilities: g_{n,e} is then the gradient on the argmax expert's parameters of the layer
+    # exactly as it ran, with all experts contributing (stgc.py; docs/llava_mole.md §4).
     gate_inside = True
 
     def expert_params(self, e) -> dict:
@@ -453,10 +515,37 @@ class LoRAExperts(nn.Module):
                 for name in FFN_PROJECTIONS[self.kind] for ab in ("A", "B")}
 
     def expert_apply(self, params, x, gate, linear=F.linear):        # x [N, D], gate [N]
+        soft = self.cfg.mole_mixture == "soft" and self.router is not None
+        if soft:                                                       # the other experts' coefficients [N, E]
+            E = self.cfg.num_experts
+            probs_NE = router_logits(self.router, x).softmax(dim=-1).detach()
+            others_NE = probs_NE * (torch.arange(E, device=x.device) != probs_NE.argmax(dim=-1, keepdim=True))
+
         def proj(name, h):
             code = linear(h, params[name + ".A"], None)                # [N, r]
-            return getattr(self.base, name)(h) + (self.scale * gate[:, None]) * linear(code, params[name + ".B"], None)
+            out = getattr(self.base, name)(h) + (self.scale * gate[:, None]) * linear(code, params[name + ".B"], None)
+            if soft:
+                A_Eri, B_Eor = self.lora_A[name].detach().to(h.dtype), self.lora_B[name].detach().to(h.dtype)
+                code_NEr = torch.einsum("ni,eri->ner", h, A_Eri) * others_NE.to(h.dtype)[:, :, None]
+                out = out + self.scale * torch.einsum("ner,eor->no", code_NEr, B_Eor)
+            return out
         return ffn_forward(self.kind, self.base.act, x, proj)
+
+
+def mole_balance_loss(routing) -> torch.Tensor:
+    """The released LLaVA-MoLE balance loss (docs/llava_mole.md §1): per sample b, over its attended positions with
+    every MoE layer pooled, sum_e mean(p)_e * mean(onehot)_e (onehot of the argmax, no gradient); summed over the
+    samples and divided by the batch size. No factor E, unlike Switch. `routing`: one forward's records."""
+    B, T = routing[0].shape
+    L, E = len(routing), routing[0].router_logits.shape[-1]
+    valid = routing[0].valid
+    w_BT = (valid.float() if valid is not None else routing[0].router_logits.new_ones(B * T)).view(B, T)
+    probs_LBTE = torch.stack([r.router_logits.float().softmax(dim=-1) for r in routing]).view(L, B, T, E)
+    onehot_LBTE = torch.stack([F.one_hot(r.experts[:, 0], E) for r in routing]).view(L, B, T, E).float()
+    n_B = (L * w_BT.sum(dim=-1)).clamp_min(1)[:, None]                # pooled positions per sample
+    mean_p_BE = (probs_LBTE * w_BT[None, :, :, None]).sum(dim=(0, 2)) / n_B
+    mean_c_BE = (onehot_LBTE * w_BT[None, :, :, None]).sum(dim=(0, 2)) / n_B
+    return (mean_p_BE * mean_c_BE).sum() / B
 
 
 # -----------------------------------------------------------------------------
@@ -467,6 +556,8 @@ def make_moe_mlp(cfg: MoEConfig, dense: nn.Module) -> nn.Module:
 
 
 def apply_attention_lora(blocks, cfg: MoEConfig):
+    """Plain LoRA on q/k/v/o of every block: the released MoLE's peft targets, with the experts' alpha and dropout
+    (its rank equals the experts' there; attn_lora_rank may differ here)."""
     for block in blocks:
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(block.attn, name, LoRALinear(getattr(block.attn, name), cfg.attn_lora_rank,

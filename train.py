@@ -192,9 +192,10 @@ def build_model(cfg: Config, vocab_size: int) -> LlavaModel:
                                             select_feature=cfg.model.vision.select_feature)
         lm = LanguageModel.from_pretrained(src.llm)
         with torch.device("meta"):                                    # nothing random built only to be replaced
-            model = LlavaModel(LlavaConfig(vision=tower.cfg, lm=lm.cfg, projector=cfg.model.projector))
+            model = LlavaModel(replace(cfg.model, vision=tower.cfg, lm=lm.cfg))   # [model]'s other settings kept
         model.vision_tower, model.lm = tower, lm
-        model.projector = Projector(cfg.model.projector, tower.cfg.hidden_size, lm.cfg.hidden_size)   # fresh
+        model.projector = Projector(cfg.model.projector, tower.cfg.hidden_size, lm.cfg.hidden_size,   # fresh
+                                    cfg.model.image_start_end)
     else:
         model = LlavaModel.from_pretrained(latest_checkpoint(src.checkpoint), vision_tower=src.vision_tower or None)
     stage = cfg.train.stage
@@ -879,7 +880,7 @@ def main(argv=None):
             n_images = sum(len(mb["images"]) for mb in micro) * world
             # positions the LM processes: each <image> placeholder becomes the tower's P feature positions
             n_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro) * world
-            n_tokens += n_images * (raw.cfg.vision.num_features - 1)
+            n_tokens += n_images * (raw.cfg.image_positions - 1)
             log |= {"epoch": epoch, "step_time": dt, "tokens_per_s": n_tokens / dt}
             if peak:
                 log["mfu"] = flops_per_step(raw, n_tokens, n_images) / dt / (peak * world)

@@ -32,8 +32,12 @@ from eval import read_json  # noqa: E402
 COMMON = ["--init.source=checkpoint", "--init.checkpoint={base}", "--train.epochs=2", "--train.lr=2e-4",
           "--train.train_vision_tower=false"]
 MEASURE, CEL = ["--stgc.enabled=true", "--stgc.loss_weight=0.0"], ["--stgc.enabled=true"]
-MOLE = ["--train.stage=mole", "--moe.kind=lora", "--moe.top_k=1", "--moe.num_experts=4", "--moe.layers=dense",
-        "--moe.lora_rank=16", "--moe.lora_alpha=16.0"]
+# MoLE with the released semantics (docs/llava_mole.md §1; configs/mole_llava15.toml): 3 experts on every MLP, rank 16,
+# alpha 32, attention LoRA, router bias, the soft mixture, the released balance loss. The stage-II base fixes the
+# vision side (the demo's last-layer features, no start / end tokens). LoRA: the same adapters without experts.
+LORA = ["--moe.layers=dense", "--moe.lora_rank=16", "--moe.lora_alpha=32.0", "--moe.attn_lora_rank=16"]
+MOLE = ["--train.stage=mole", "--moe.kind=lora", "--moe.top_k=1", "--moe.num_experts=3", "--moe.mole_router_bias=true",
+        "--moe.mole_mixture=soft", "--moe.mole_top1_gate=one", "--moe.mole_balance=released"] + LORA
 VARIANTS = {
     "dense": ["--train.stage=finetune", "--stgc.enabled=false"],
     "moe": ["--train.stage=moe"] + MEASURE,
@@ -41,7 +45,7 @@ VARIANTS = {
     "moe_stgc_b0.5": ["--train.stage=moe", "--stgc.enabled=true", "--stgc.loss_weight=0.5"],   # 50x the default beta
     "mole": MOLE + MEASURE,
     "mole_stgc": MOLE + CEL,
-    "lora": ["--train.stage=lora", "--moe.lora_rank=16", "--moe.lora_alpha=16.0", "--stgc.enabled=false"],
+    "lora": ["--train.stage=lora", "--stgc.enabled=false"] + LORA,
 }
 
 

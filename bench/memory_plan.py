@@ -257,13 +257,19 @@ def moe_layer(m: MoELayer, S):
 
 
 def lora_experts(m: LoRAExperts, S, device):
-    """moe.LoRAExperts (MoLE): frozen dense MLP; per projection every expert's rank-r code [S, E, r], masked by
-    the one-hot gate (both factors saved), then one matmul with all experts' B as [out, E*r] (its input saved)."""
+    """moe.LoRAExperts (MoLE): frozen dense MLP; per projection every expert's rank-r code [S, E, r] times the
+    coefficients c [S, E] (both factors saved when c has a gradient: not for the released top-1 'one'), then one
+    matmul with all experts' B as [out, E*r] (its input saved)."""
     E, r = m.cfg.num_experts, m.cfg.lora_rank
     D = m.base.down_proj.out_features if m.kind == "swiglu" else m.base.fc2.out_features
     s = Saved()
-    if m.router is not None:                              # router input, top-1 routing, fp32 one-hot x gate
-        s += Saved(act=S * F32 * D) + routing(S, E, 1) + Saved(act=S * F32 * E)
+    c_grad = m.router is not None and (m.cfg.mole_mixture == "soft" or m.cfg.mole_top1_gate != "one")
+    if m.router is not None:                              # router input, its fp32 softmax
+        s += Saved(act=S * F32 * D + S * F32 * E)
+        if c_grad:                                        # the chosen coefficient's gather: its index, and its input
+            s += Saved(act=S * 8 + S * F32 * E * (m.cfg.mole_mixture != "soft"))   # unless that is the softmax
+        if m.cfg.mole_mixture == "top1" and m.cfg.mole_top1_gate == "prob":
+            s += Saved(act=S * F32 * E)                   # the fp32 one-hot of onehot * p
     names = FFN_PROJECTIONS[m.kind]
     for name in names:
         base = getattr(m.base, name)
@@ -271,7 +277,7 @@ def lora_experts(m: LoRAExperts, S, device):
         in_bytes = F32 if name in ("gate_proj", "up_proj", "fc1") else LOW   # the layer input is fp32, down's bf16
         s += linear(base, S)
         s += Saved(act=S * (i * (1 if device == "cuda" else in_bytes)   # dropout mask (CUDA) / noise (CPU)
-                            + i * LOW + E * r * LOW + E * LOW + E * r * LOW),   # A's input, codes, one-hot, masked codes
+                            + i * LOW + E * r * LOW * c_grad + E * LOW + E * r * LOW),   # A's input, codes, c, c x codes
                    w_use=LOW * E * r * (i + o))
     F_ = getattr(m.base, names[0]).out_features
     return s + Saved(act=S * LOW * (3 if m.kind == "swiglu" else 1) * F_)   # silu's input + product factors | gelu's
@@ -313,6 +319,10 @@ def activations(model, B, T, n_text, n_sup, n_images, device="cuda") -> Activati
     out += norm(lm.norm, S, D)                            # the final norm
     out += Saved(act=B * (T - 1)) + linear(lm.lm_head, n_sup)   # the supervised-position mask; lm_head's input
     out += Saved(act=n_sup * (F32 * V + 8))               # cross_entropy: fp32 log-probabilities, targets
+    moe = lm.cfg.moe
+    if moe is not None and moe.kind == "lora" and moe.mole_balance == "released":   # moe.mole_balance_loss
+        L, E = sum(isinstance(b.mlp, LoRAExperts) and b.mlp.router is not None for b in lm.layers), moe.num_experts
+        out += Saved(act=L * S * F32 * E + S * F32 + B * F32 + B * E * F32)   # each layer's softmax, the mask, counts, means
     held = len(lm.layers) * S * F32 * D + B * T * T       # each block's fp32 input, the bool mask (shared)
     # logits in the backward: nll_loss's fp32 gradient and log_softmax's input gradient, both [n_sup, V], while the
     # saved log-probabilities are still alive (the forward's bf16 + fp32 logits are smaller)
