@@ -56,6 +56,8 @@ from data import (IMAGE_PLACEHOLDER, TEMPLATES, DataConfig, LlavaJsonDataset, To
 from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaModel
 from moe import LoRAExperts, MoELayer, check_choice
 from stgc import STGCConfig, find_conflicts
+from routing import (layer_stats, layer_sums, pathway_counts, purity_nmi, router_entropy, sums_of, sums_width,
+                     top_pathways)
 from train import latest_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -454,7 +456,10 @@ class ExpertLoading:
     """Tokens routed to each expert, per MoE layer and token kind, while generate() runs: the papers' expert
     loading figure. Forward hooks on the MoE layers collect each call's routing record: the first call of a
     batch is the left-padded prefill, each later call one decoding step, whose token counts while it belongs
-    to the answer (before eos). 'all' counts every kept (token, expert) assignment, 'top1' first choices."""
+    to the answer (before eos). 'all' counts every kept (token, expert) assignment, 'top1' first choices.
+    Also (routing.py, over the tokens of every kind): the router's entropy, load variance and utilisation, the
+    co-activation of top-2 pairs, and the activated pathways (each token's first choices across the MoE layers,
+    STGC paper Fig. 5) per kind."""
 
     def __init__(self, model):
         self.layers = moe_layers(model)
@@ -469,11 +474,13 @@ class ExpertLoading:
         device = next(iter(self.layers[0][1].parameters())).device if self.layers else "cpu"
         self.all = torch.zeros(len(self.layers), len(KINDS), max(self.E, 1), device=device)
         self.top1 = torch.zeros_like(self.all)
+        self.sums = torch.zeros(len(self.layers), sums_width(max(self.E, 1)), device=device)   # routing.sums_of
+        self.paths = {k: Counter() for k in KINDS}
 
     def _hook(self, module, inputs, output):
         if self.records is not None and isinstance(output, tuple):
             rec = output[1]
-            self.records.append((rec.experts.detach(), rec.kept.detach(), rec.shape))
+            self.records.append((rec.experts.detach(), rec.kept.detach(), rec.shape, router_entropy(rec.router_logits)))
 
     def begin(self, ids_batch):
         kinds = [prompt_kinds(ids, self.P) for ids in ids_batch]
@@ -486,7 +493,8 @@ class ExpertLoading:
         if not L:
             return
         lengths = torch.tensor([len(t) for t in new_tokens])
-        for c, (experts_SK, kept_SK, (B, T)) in enumerate(records):
+        first = []                                                     # this call's first choices, layer by layer
+        for c, (experts_SK, kept_SK, (B, T), entropy_S) in enumerate(records):
             call = c // L
             if call == 0:
                 assert T == self.prefill.shape[1], "the first call of generate() is the prefill"
@@ -499,14 +507,25 @@ class ExpertLoading:
                 m = kinds == k
                 self.all[c % L, k] += onehot_SKE[m].sum(dim=(0, 1))
                 self.top1[c % L, k] += onehot_SKE[m][:, 0].sum(dim=0)
+            self.sums[c % L] += sums_of(entropy_S, experts_SK, kinds >= 0, self.E)
+            first.append(experts_SK[:, 0])
+            if c % L == L - 1:                                         # the call's last MoE layer: its pathways
+                first_SL = torch.stack(first, dim=1)                   # [S, L]
+                for k, kind in enumerate(KINDS):
+                    self.paths[kind].update(pathway_counts(first_SL, kinds == k))
+                first = []
 
     def summary(self, questions: int) -> dict:
         """Fractions per layer and kind; under torchrun the counts (and `questions`, this rank's number of
         generated questions) are summed over the ranks first."""
         questions = torch.tensor(float(questions), device=self.all.device)
+        paths = self.paths
         if dist.is_available() and dist.is_initialized():
-            for t in (self.all, self.top1, questions):
+            for t in (self.all, self.top1, self.sums, questions):
                 dist.all_reduce(t)
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self.paths)
+            paths = {k: sum((g[k] for g in gathered), Counter()) for k in KINDS}
 
         def fractions(counts):                                                  # [L, E] -> per layer, sums to 1
             return [(row / row.sum()).tolist() if row.sum() > 0 else [0.0] * self.E for row in counts.double().cpu()]
@@ -515,6 +534,12 @@ class ExpertLoading:
                "tokens": {k: int(self.top1[0, n].sum()) for n, k in enumerate(KINDS)}}
         for name, counts in (("all", self.all), ("top1", self.top1)):
             out[name] = {k: fractions(counts[:, n]) for n, k in enumerate(KINDS)} | {"total": fractions(counts.sum(1))}
+        # routing.py's measures per layer (all kinds), first-choice counts (purity / NMI across benchmarks), pathways
+        out["routing"] = [{"layer": i} | layer_stats(row, self.E, self.K) for (i, _), row in zip(self.layers, self.sums.tolist())]
+        out["top1_counts"] = self.top1.sum(1).tolist()                                  # [L][E]
+        total = sum(paths.values(), Counter())
+        out["pathways"] = {k: top_pathways(c) for k, c in paths.items()} | {"total": top_pathways(total)}
+        out["distinct_pathways"] = {k: len(c) for k, c in paths.items()} | {"total": len(total)}
         return out
 
 
@@ -548,12 +573,54 @@ def plot_expert_loading(analysis: dict, path: str):
     return path
 
 
+def plot_pathways(a: dict, name: str, path: str, top=8):
+    """The activated-pathway picture (STGC paper Fig. 5) of one benchmark: x the MoE layers, y the first-choice
+    expert, one line per frequent pathway, its width and the legend its share of the tokens. Skipped (None) when
+    matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(a["layers"]), 3.2))
+    for rank, (p, n, share) in enumerate(a["pathways"]["total"][:top]):
+        jitter = (rank - top / 2) * 0.02                               # overlapping segments stay apart
+        ax.plot(range(len(p)), [e + jitter for e in p], marker="o", linewidth=1 + 12 * share, alpha=0.7,
+                label=f"{'-'.join(map(str, p))}: {share:.1%}")
+    ax.set_xticks(range(len(a["layers"])), [str(i) for i in a["layers"]], fontsize=7)
+    ax.set_yticks(range(a["num_experts"]))
+    ax.set_xlabel("MoE layer", fontsize=8)
+    ax.set_ylabel("first-choice expert", fontsize=8)
+    ax.set_title(f"{name}: top pathways ({a['distinct_pathways']['total']} distinct)", fontsize=8)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def specialisation(analysis: dict) -> dict:
+    """Expert-benchmark purity and NMI per MoE layer (routing.purity_nmi) from each benchmark's first-choice counts,
+    the benchmark as the domain label; {} with fewer than two benchmarks."""
+    named = {n: a for n, a in analysis.items() if a.get("top1_counts")}
+    if len(named) < 2:
+        return {}
+    layers = next(iter(named.values()))["layers"]
+    out = {"benchmarks": list(named), "layers": []}
+    for j, layer in enumerate(layers):
+        out["layers"].append({"layer": layer} | purity_nmi([a["top1_counts"][j] for a in named.values()]))
+    return out
+
+
 def conflict_statistics(model, tok, data_cfg, cfg: EvalConfig, device) -> dict:
     """Token-gradient conflicts (stgc.find_conflicts, paper defaults: bias gradients, tau = 0) of this
     checkpoint on a labelled LLaVA JSON: the gradient of the LM loss at each MoE layer's output, then per
     layer the share of (token, expert) pairs whose gradient points against their expert's mean, overall,
-    per expert and per token kind. Routing is the evaluation routing (eval capacity, no Gumbel), which is
-    where a trained checkpoint's conflicts are of interest; training computes them under training routing."""
+    per expert and per token kind (with the kind's gradient consistency, its mean cos). Routing is the evaluation
+    routing (eval capacity, no Gumbel), which is where a trained checkpoint's conflicts are of interest; training
+    computes them under training routing. Also per layer routing.py's measures over the split's real tokens and,
+    where its records carry a "domain" (the synthetic set does), expert-domain purity and NMI of first choices."""
     folder = cfg.image_folder or synthetic_image_folder(cfg.conflicts) or os.path.dirname(os.path.abspath(cfg.conflicts))
     ds = LlavaJsonDataset(replace(data_cfg, data_path=cfg.conflicts, image_folder=folder), tok)
     layers = moe_layers(model)
@@ -563,6 +630,8 @@ def conflict_statistics(model, tok, data_cfg, cfg: EvalConfig, device) -> dict:
     zeros = lambda *s: torch.zeros(*s, dtype=torch.float64)   # noqa: E731
     pairs, conflicts, cos = zeros(len(layers), E), zeros(len(layers), E), zeros(len(layers), E)
     kind_pairs, kind_conflicts = zeros(len(layers), len(KINDS)), zeros(len(layers), len(KINDS))
+    kind_cos, route = zeros(len(layers), len(KINDS)), zeros(len(layers), sums_width(E))
+    domains, domain_counts = {}, {}                                    # name -> row; layer -> {row: [E] first choices}
     # The tower and projector are not needed in the graph: gradients are taken at the MoE layer outputs.
     frozen = [p for m in (model.vision_tower, model.projector) for p in m.parameters() if p.requires_grad]
     for p in frozen:
@@ -570,8 +639,8 @@ def conflict_statistics(model, tok, data_cfg, cfg: EvalConfig, device) -> dict:
     used = 0
     try:
         for start in tqdm(range(0, n, cfg.batch_size), desc="conflicts", unit="batch"):
-            batch = collate([ds[k] for k in range(start, min(n, start + cfg.batch_size))], tok.pad_id, "right",
-                            data_cfg.image_size)
+            samples = [x for x in (ds[k] for k in range(start, min(n, start + cfg.batch_size))) if isinstance(x, dict)]
+            batch = collate(samples, tok.pad_id, "right", data_cfg.image_size)
             if batch["input_ids"].shape[0] == 0:
                 continue
             with torch.enable_grad():
@@ -587,7 +656,17 @@ def conflict_statistics(model, tok, data_cfg, cfg: EvalConfig, device) -> dict:
                 k = prompt_kinds(ids[m].tolist(), P, lab[m].tolist())
                 kinds.append(k + [-1] * (T - len(k)))
             kinds = torch.tensor(kinds)                                # [B, T]
+            names = [ds.records[x["index"]].get("domain") if isinstance(ds.records[x["index"]], dict) else None
+                     for x in samples]
+            domain_BT = torch.tensor([[domains.setdefault(d, len(domains)) if d is not None else -1] * T for d in names])
             for j, (r, d) in enumerate(zip(out.routing, deltas)):
+                route[j] += layer_sums(r).cpu().double()
+                labelled = (domain_BT.reshape(-1) >= 0) & (kinds.reshape(-1) >= 0)   # real tokens with a domain
+                first = r.experts[:, 0].cpu()
+                for row in domain_BT.reshape(-1)[labelled].unique().tolist():
+                    m = labelled & (domain_BT.reshape(-1) == row)
+                    counts = domain_counts.setdefault(j, {}).setdefault(row, zeros(E))
+                    counts += torch.bincount(first[m], minlength=E).double()
                 d = torch.zeros_like(r.output) if d is None else d
                 c = find_conflicts(r, d.reshape(-1, d.shape[-1]), STGCConfig())
                 pair, conflict = c.pair.cpu().double(), c.conflict.cpu().double()
@@ -598,6 +677,7 @@ def conflict_statistics(model, tok, data_cfg, cfg: EvalConfig, device) -> dict:
                 for k in range(len(KINDS)):
                     kind_pairs[j, k] += pair[kind == k].sum()
                     kind_conflicts[j, k] += conflict[kind == k].sum()
+                    kind_cos[j, k] += (c.cos.cpu().double() * pair)[kind == k].sum()
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -609,11 +689,15 @@ def conflict_statistics(model, tok, data_cfg, cfg: EvalConfig, device) -> dict:
             "mean_cos": ratio(cos[j].sum(), pairs[j].sum()),
             "per_expert": [{"pairs": int(pairs[j, e]), "conflict_ratio": ratio(conflicts[j, e], pairs[j, e]),
                             "mean_cos": ratio(cos[j, e], pairs[j, e])} for e in range(E)],
-            "per_kind": {k: {"pairs": int(kind_pairs[j, n]), "conflict_ratio": ratio(kind_conflicts[j, n], kind_pairs[j, n])}
-                         for n, k in enumerate(KINDS)}})
+            "per_kind": {k: {"pairs": int(kind_pairs[j, n]), "conflict_ratio": ratio(kind_conflicts[j, n], kind_pairs[j, n]),
+                             "consistency": ratio(kind_cos[j, n], kind_pairs[j, n])} for n, k in enumerate(KINDS)},
+            "routing": layer_stats(route[j].tolist(), E, model.cfg.lm.moe.top_k)})
+        if len(domains) >= 2:                                          # expert-domain specialisation (GAR §5)
+            rows = domain_counts.get(j, {})
+            out_layers[-1]["domain"] = purity_nmi([rows.get(r, zeros(E)).tolist() for r in range(len(domains))])
     # definition: the LM-loss gradient at each MoE layer's output, as stgc.py's reference (not the fast path's)
     return {"split": cfg.conflicts, "samples": used, "grad_source": "bias", "threshold": 0.0, "definition": "lm_loss",
-            "layers": out_layers,
+            "layers": out_layers, "domains": list(domains),
             "skipped": ds.report() if ds.stats.skipped else ""}
 
 # -----------------------------------------------------------------------------
@@ -711,6 +795,13 @@ def write_results(cfg: EvalConfig, report: dict, analysis: dict):
         with open(apath, "w") as f:
             json.dump(merged, f, indent=1)
         plot_expert_loading(merged, os.path.join(cfg.out, "analysis", "expert_loading.png"))
+        for name, a in analysis.items():
+            if a.get("pathways", {}).get("total"):
+                plot_pathways(a, name, os.path.join(cfg.out, "analysis", f"pathways_{name}.png"))
+        spec = specialisation(merged)
+        if spec:
+            with open(os.path.join(cfg.out, "analysis", "specialisation.json"), "w") as f:
+                json.dump(spec, f, indent=1)
     if "conflicts" in report:
         with open(os.path.join(cfg.out, "analysis", "conflicts.json"), "w") as f:
             json.dump(report["conflicts"], f, indent=1)

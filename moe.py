@@ -14,6 +14,8 @@ moe.py: the Mixture-of-Experts layers of MoE-LLaVA and LLaVA-MoLE, and what they
                 mole_balance_loss: the released balance loss (layers pooled, per sample).
   LoRALinear    plain LoRA on a frozen Linear (MoLE's attention LoRA on q/k/v/o, as released).
   RoutingRecord what one MoE layer decided for one forward pass; read by stgc.py, eval.py and train.py.
+  Router objectives beside the aux loss (docs/routing.md): z_loss (ST-MoE), sequence_aux_loss (per sample), and
+                aux-loss-free balancing, the expert_bias buffer route() chooses with and update_expert_bias moves.
 
 Only the dense FFN's wiring is needed from model.py: `ffn_forward` rebuilds it from named projections,
 so one function serves the expert loop, the grouped path and the LoRA experts.
@@ -108,6 +110,11 @@ class MoEConfig:
             raise ValueError(f"moe.num_experts={self.num_experts}: an 'ffn' MoE needs at least 2 experts")
         if self.kind == "lora" and self.top_k != 1:
             raise ValueError(f"moe.top_k={self.top_k}: LLaVA-MoLE routes each token to one LoRA expert; set top_k=1")
+        for key in ("aux_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "expert_bias_rate"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"moe.{key}={getattr(self, key)} must be >= 0")
+        if self.expert_bias and self.kind != "ffn":                   # the hook is route(..., bias_E=module.expert_bias)
+            raise ValueError("moe.expert_bias=true is wired into the 'ffn' MoE layer only (LoRAExperts: not yet)")
         mole = [k for k, default in (("mole_router_bias", False), ("mole_mixture", "top1"), ("mole_top1_gate", "prob"),
                                      ("mole_balance", "switch")) if getattr(self, k) != default]
         if self.kind == "ffn" and mole:
@@ -180,8 +187,10 @@ def gumbel_noise(shape, device, generator=None):
     return -torch.log(-torch.log(u))
 
 
-def route(logits_SE, cfg: MoEConfig, training: bool, generator=None):
-    """Choose experts, positions in their buffers, drops and combine weights for every token."""
+def route(logits_SE, cfg: MoEConfig, training: bool, generator=None, bias_E=None):
+    """Choose experts, positions in their buffers, drops and combine weights for every token. bias_E [E] (fp32,
+    aux-loss-free balancing) is added to the scores that choose the experts only (DeepSeek-V3 §2.1.2: "the bias term
+    is only used for routing"); the combine weights and the aux loss's mean_prob stay the un-biased probabilities."""
     S, E = logits_SE.shape
     probs_SE = logits_SE.softmax(dim=-1)                               # fp32
     # k choices, best first. The first is argmax of the probabilities, as DeepSpeed takes it (softmax can tie
@@ -195,6 +204,8 @@ def route(logits_SE, cfg: MoEConfig, training: bool, generator=None):
         scores_SE = probs_SE.detach()
         if gumbel and k > 0:
             scores_SE = logits_SE.detach() + gumbel_noise(logits_SE.shape, logits_SE.device, generator)
+        if bias_E is not None:                                         # with 'gumbel' the bias shifts the sampled
+            scores_SE = scores_SE + bias_E                             # logits (our choice: DeepSeek-V3 never samples)
         choice_S = scores_SE.masked_fill(taken_SE, float("-inf")).argmax(dim=-1)
         choices.append(choice_S)
         taken_SE = taken_SE | F.one_hot(choice_S, E).bool()
@@ -214,6 +225,62 @@ def route(logits_SE, cfg: MoEConfig, training: bool, generator=None):
     if cfg.top_k > 1:
         w_SK = w_SK / w_SK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w_SK.dtype).eps)
     return experts_SK, w_SK, kept_SK, aux, counts_E
+
+
+# -----------------------------------------------------------------------------
+# Router objectives beside the aux loss, computed from a RoutingRecord (so they serve every routed layer) and
+# added by train.py's train_step; and the aux-loss-free bias. Definitions and sources: docs/routing.md.
+
+def masked_mean(x_S, valid_S):
+    if valid_S is None:
+        return x_S.mean()
+    return (x_S * valid_S).sum() / valid_S.sum().clamp_min(1)
+
+
+def z_loss(record) -> torch.Tensor:
+    """ST-MoE's router z-loss (Zoph et al. 2022, §3.1 Eq. 5) of one layer: mean over the real tokens of
+    logsumexp(z)^2, z the fp32 router logits; it keeps the logits small, where the softmax is well conditioned.
+    Padding is left out (ST-MoE packs sequences and has none); its gradient reaches the logits only."""
+    lse_S = record.router_logits.float().logsumexp(dim=-1)             # [S]
+    return masked_mean(lse_S.square(), record.valid)
+
+
+def sequence_aux_loss(record) -> torch.Tensor:
+    """The aux loss E * sum_e mean_prob_e * frac_top1_e of each sample over its real tokens, averaged over the
+    samples that have any: balance within every sequence, not just over the micro-batch (DeepSeek-V3 §2.1.2, Eq.
+    17-20, "complementary sequence-wise auxiliary loss"; it counts all K choices, we count first choices as
+    MoE-LLaVA's micro-batch loss does, so one unpadded sample gives exactly route()'s aux). As in route(), only
+    mean_prob carries gradient."""
+    B, T = record.shape
+    E = record.router_logits.shape[1]
+    probs_BTE = record.router_logits.float().softmax(dim=-1).view(B, T, E)
+    valid_BT = (record.valid.view(B, T) if record.valid is not None else probs_BTE.new_ones(B, T, dtype=torch.bool)).float()
+    n_B = valid_BT.sum(dim=1)                                          # [B] real tokens per sample
+    first_BTE = F.one_hot(record.experts[:, 0], E).view(B, T, E).float()
+    mean_prob_BE = (probs_BTE * valid_BT[..., None]).sum(dim=1) / n_B.clamp_min(1)[:, None]
+    frac_BE = (first_BTE * valid_BT[..., None]).sum(dim=1) / n_B.clamp_min(1)[:, None]
+    loss_B = E * (mean_prob_BE * frac_BE).sum(dim=-1)                  # [B]
+    has_B = (n_B > 0).float()
+    return (loss_B * has_B).sum() / has_B.sum().clamp_min(1)
+
+
+def expert_bias_buffer(cfg: MoEConfig, device):
+    """The aux-loss-free bias [E], fp32 like the router (its increments of gamma = 1e-3 would vanish in bf16), or None
+    (then no buffer exists and the state dict is unchanged). A buffer, not a parameter: no optimizer touches it, it
+    is saved in checkpoints, FSDP2 leaves it unsharded and un-cast, and DDP broadcasts rank 0's copy before each
+    forward (redundant: every rank applies the same update from the same all-reduced counts, docs/routing.md)."""
+    return torch.zeros(cfg.num_experts, dtype=torch.float32, device=device) if cfg.expert_bias else None
+
+
+@torch.no_grad()
+def update_expert_bias(module, load_E):
+    """After an optimizer step (train.py; never at evaluation): bias_e += gamma * sign(mean load - load_e), load_E [E]
+    the layer's token-expert assignments (real tokens, all K choices, before capacity) over the whole global batch,
+    all-reduced, so every rank computes the same bias. DeepSeek-V3 §2.1.2; torchtitan's load_balance_coeff (which
+    also re-centres the delta: the same choices, since argmax ignores a shift of every expert's score); Megatron's
+    --moe-router-enable-expert-bias / --moe-router-bias-update-rate 1e-3."""
+    load_E = load_E.to(module.expert_bias)
+    module.expert_bias += module.cfg.expert_bias_rate * torch.sign(load_E.mean() - load_E)
 
 
 def router_logits(router: nn.Linear, x_SD):
@@ -289,6 +356,7 @@ class MoELayer(nn.Module):
         D = dense.down_proj.out_features if self.kind == "swiglu" else dense.fc2.out_features
         # fresh router, nn.Linear's default init (kaiming-uniform a=sqrt(5)), fp32, no bias (reference §1.8)
         self.router = nn.Linear(D, cfg.num_experts, bias=False, dtype=torch.float32, device=dense_device(dense))
+        self.register_buffer("expert_bias", expert_bias_buffer(cfg, dense_device(dense)))   # [E] or None
         self.experts = nn.Module()
         for name in FFN_PROJECTIONS[self.kind]:
             setattr(self.experts, name, StackedLinear(getattr(dense, name), cfg.num_experts))
@@ -297,7 +365,7 @@ class MoELayer(nn.Module):
         B, T, D = x.shape
         x_SD = x.reshape(-1, D)
         logits_SE = router_logits(self.router, x_SD)
-        experts_SK, w_SK, kept_SK, aux, counts_E = route(logits_SE, self.cfg, self.training)
+        experts_SK, w_SK, kept_SK, aux, counts_E = route(logits_SE, self.cfg, self.training, bias_E=self.expert_bias)
         path = self.path(x_SD)
         if path == "loop":
             out_SKD = self.experts_loop(x_SD, experts_SK)              # every assignment, dropped ones too
@@ -565,10 +633,13 @@ def apply_attention_lora(blocks, cfg: MoEConfig):
 
 
 def routers_to_fp32(module):
-    """Routers stay fp32 whatever dtype the model is loaded or cast in (reference §1.6 step 1)."""
+    """Routers (and the aux-loss-free expert bias) stay fp32 whatever dtype the model is loaded or cast in
+    (reference §1.6 step 1)."""
     for m in module.modules():
         if isinstance(m, (MoELayer, LoRAExperts)) and m.router is not None:
             m.router.float()
+        if getattr(m, "expert_bias", None) is not None:
+            m.expert_bias = m.expert_bias.float()
     return module
 
 

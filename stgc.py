@@ -40,7 +40,10 @@ summed, as MoE-LLaVA sums its aux loss with 0.01; the expert mean per micro-batc
 reach (no supervised target at or after it in its sequence: RoutingRecord.reaches_loss, from the labels) is never
 a pair in either implementation, nor is a zero gradient (it has no direction); per-token gradients ignore LoRA
 dropout (the functional expert has none). In 'full' mode the fast path recomputes each expert's forward once.
+Also knobs: the CEL's normaliser (cel_norm: ours, GAR's, or over all pairs), tau and beta as schedules over the run,
+and `measure`, the conflict statistics of a run without STGC (the baseline's curve; docs/routing.md).
 """
+import math
 import os
 import weakref
 from dataclasses import dataclass
@@ -64,12 +67,47 @@ class STGCConfig:
     impl: str = "fast"                 # 'fast' (one backward, hooks) | 'reference' (two passes, torch.func)
     mean_scope: str = "rank"           # 'rank': expert mean over this rank's micro-batch | 'global': all-reduced
     layer_reduction: str = "sum"       # 'sum' | 'mean' over MoE layers
+    # The CEL's normaliser, its sum over conflicting pairs divided by (the paper's is unknown, reference §2):
+    #   'conflicts'  the number of conflicting pairs (a mean over them: our reading of Eq. 8)
+    #   'gar'        E * max(1, N_conflicts) (GAR's reimplementation, its Appendix D.10): 'conflicts' / E
+    #   'pairs'      the number of pairs (a mean over every kept, real pair, non-conflicting ones contributing 0)
+    cel_norm: str = "conflicts"
+    # tau and beta as schedules over the run: 'constant' (threshold / loss_weight throughout), or from them at step 0
+    # to threshold_final / loss_weight_final at the last step, 'linear' or 'cosine' (half a cosine, as the lr's)
+    threshold_schedule: str = "constant"
+    threshold_final: float = 0.0
+    loss_weight_schedule: str = "constant"
+    loss_weight_final: float = 0.01
+    # conflict statistics in the training log when STGC is off too (the fast path's hooks reading dL/dy, no CEL):
+    # the baseline's conflict ratio and gradient consistency, for comparing objectives; numbers train identically
+    measure: bool = True
 
     def __post_init__(self):
         check_choice("stgc.grad_source", self.grad_source, ("bias", "full"))
         check_choice("stgc.impl", self.impl, ("fast", "reference"))
         check_choice("stgc.mean_scope", self.mean_scope, ("rank", "global"))
         check_choice("stgc.layer_reduction", self.layer_reduction, ("sum", "mean"))
+        check_choice("stgc.cel_norm", self.cel_norm, ("conflicts", "gar", "pairs"))
+        check_choice("stgc.threshold_schedule", self.threshold_schedule, SCHEDULES)
+        check_choice("stgc.loss_weight_schedule", self.loss_weight_schedule, SCHEDULES)
+        if self.loss_weight < 0 or self.loss_weight_final < 0:
+            raise ValueError(f"stgc.loss_weight={self.loss_weight}, loss_weight_final={self.loss_weight_final} must be >= 0")
+
+    def at(self, step, total_steps) -> tuple:
+        """(tau, beta) at this optimizer step (a pure function of the step, as the lr: nothing to checkpoint)."""
+        return (scheduled(self.threshold_schedule, self.threshold, self.threshold_final, step, total_steps),
+                scheduled(self.loss_weight_schedule, self.loss_weight, self.loss_weight_final, step, total_steps))
+
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def scheduled(kind, start, final, step, total_steps):
+    if kind == "constant":
+        return start
+    p = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)            # 0 at the first step, 1 at the last
+    w = p if kind == "linear" else 0.5 * (1 - math.cos(math.pi * p))
+    return start + (final - start) * w
 
 
 @dataclass
@@ -93,6 +131,16 @@ class LayerConflicts:
         cel = self.cel.float().reshape(1) if self.cel is not None else pair.new_zeros(1)
         return torch.cat([torch.stack([pair.sum(), self.conflict.float().sum(), (self.cos * pair).sum()]), cel, cos_E, pairs_E])
 
+    def kind_totals(self, kind_S, num_kinds=3) -> torch.Tensor:
+        """[3 * num_kinds] sums per token kind (kind_S [S]: 0 image, 1 prompt text, 2 answer, -1 padding; routing.py):
+        pairs, conflicts, sum of cos over pairs, kind after kind; `kind_stats_from_totals` reads them."""
+        pair = self.pair.float()
+        kind_M = kind_S.to(self.token.device)[self.token]              # [M]
+        out = torch.zeros(num_kinds, 3, device=pair.device)
+        ok = kind_M >= 0
+        rows = torch.stack([pair, self.conflict.float() * pair, self.cos * pair], dim=1) * ok[:, None]   # [M, 3]
+        return out.index_add_(0, kind_M.clamp_min(0), rows).reshape(-1)
+
     def stats(self, num_experts) -> dict:
         """Plain numbers for the log, of this micro-batch alone (train.py logs stats_from_totals over a step)."""
         return stats_from_totals(self.totals(num_experts), num_experts, self.layer, self.definition, 1)
@@ -108,6 +156,16 @@ def stats_from_totals(t, num_experts, layer, definition, num_micro) -> dict:
     return {"layer": layer, "definition": definition, "pairs": int(t[0]), "conflict_ratio": t[1] / n,
             "mean_cos": t[2] / n, "cel": t[3] / max(num_micro, 1),
             "consistency": [c / max(k, 1) for c, k in zip(cos_E, pairs_E)]}
+
+
+def kind_stats_from_totals(t, kinds) -> dict:
+    """Per token kind, from summed `kind_totals` (a list): pairs, conflict_ratio, consistency (mean cos of the kind's
+    pairs to their expert's mean, the paper's gradient consistency restricted to the kind)."""
+    out = {}
+    for n, kind in enumerate(kinds):
+        pairs, conflicts, cos = t[3 * n:3 * n + 3]
+        out[kind] = {"pairs": int(pairs), "conflict_ratio": conflicts / max(pairs, 1), "consistency": cos / max(pairs, 1)}
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -179,12 +237,12 @@ def factorised_full_cos(layer, e, x_ND, u_ND, gate_N, scope):
     return dot / (gn2.sqrt() * gbar2.sqrt()).clamp_min(EPS), gn2
 
 
-def find_conflicts(record, delta_SD, cfg: STGCConfig, materialise=False) -> LayerConflicts:
+def find_conflicts(record, delta_SD, cfg: STGCConfig, materialise=False, threshold=None) -> LayerConflicts:
     """Cosines of every pair's gradient to its expert's mean, and the conflict mask (all detached). Always in
     fp32 with autocast off: train.py calls backward inside its autocast region, and on CPU the backward hooks
     run on that thread with autocast on, on CUDA on autograd's device thread with it off; this makes both the same."""
     with torch.autocast(device_type=delta_SD.device.type, enabled=False):
-        return _find_conflicts(record, delta_SD, cfg, materialise)
+        return _find_conflicts(record, delta_SD, cfg, materialise, cfg.threshold if threshold is None else threshold)
 
 
 def per_token_grad_bytes(record, pairs) -> int:
@@ -198,7 +256,7 @@ def _available_bytes(device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _find_conflicts(record, delta_SD, cfg: STGCConfig, materialise):
+def _find_conflicts(record, delta_SD, cfg: STGCConfig, materialise, threshold):
     token, expert, pair, gate, u = assignments(record, delta_SD.detach())
     E = record.router_logits.shape[1]
     cos = torch.zeros(token.shape[0], device=u.device)
@@ -232,35 +290,54 @@ def _find_conflicts(record, delta_SD, cfg: STGCConfig, materialise):
                 norm2[idx] = (g * g).sum(-1)
             else:
                 cos[idx], norm2[idx] = factorised_full_cos(*args, cfg.mean_scope)
-    conflict = pair & (cos < cfg.threshold) & (norm2 > 0)             # a zero gradient has no direction
+    conflict = pair & (cos < threshold) & (norm2 > 0)                 # a zero gradient has no direction
     return LayerConflicts(token, expert, pair, cos, conflict, layer=record.layer)
 
 # -----------------------------------------------------------------------------
 # The Conflict Elimination Loss
 
 
-def conflict_elimination_loss(logits_SE, c: LayerConflicts):
-    """Mean over conflicting pairs of -log softmax(-z_n)[e] (paper Eq. 8, z' = -z); 0 without conflicts."""
+def cel_denominator(c: LayerConflicts, num_experts, norm="conflicts"):
+    """What the CEL's sum over conflicting pairs is divided by (STGCConfig.cel_norm); a device scalar, no sync."""
+    conflicts = c.conflict.sum().clamp_min(1)
+    if norm == "conflicts":
+        return conflicts
+    if norm == "gar":                                                  # GAR Appendix D.10: 1 / (E * max(1, N^C))
+        return num_experts * conflicts
+    return c.pair.sum().clamp_min(1)                                   # 'pairs'
+
+
+def conflict_elimination_loss(logits_SE, c: LayerConflicts, norm="conflicts"):
+    """Sum over conflicting pairs of -log softmax(-z_n)[e] (paper Eq. 8, z' = -z) / cel_denominator: by default the
+    mean over conflicting pairs; 0 without conflicts."""
     logp_ME = F.log_softmax(-logits_SE[c.token].float(), dim=-1)
     nll_M = -logp_ME.gather(1, c.expert[:, None])[:, 0]
-    return (nll_M * c.conflict).sum() / c.conflict.sum().clamp_min(1)
+    return (nll_M * c.conflict).sum() / cel_denominator(c, logits_SE.shape[1], norm)
 
 
-def cel_logit_grad(logits_SE, c: LayerConflicts):
-    """d CEL / d z, in closed form: per conflicting pair (onehot(e) - softmax(-z_n)) / #conflicts."""
+def cel_logit_grad(logits_SE, c: LayerConflicts, norm="conflicts"):
+    """d CEL / d z, in closed form: per conflicting pair (onehot(e) - softmax(-z_n)) / cel_denominator."""
     S, E = logits_SE.shape
     g_ME = F.one_hot(c.expert, E).float() - F.softmax(-logits_SE[c.token].float(), dim=-1)
-    g_ME = g_ME * (c.conflict.float() / c.conflict.sum().clamp_min(1))[:, None]
+    g_ME = g_ME * (c.conflict.float() / cel_denominator(c, E, norm))[:, None]
     return torch.zeros(S, E, device=logits_SE.device).index_add_(0, c.token, g_ME)
 
 
 class STGC:
-    def __init__(self, cfg: STGCConfig):
-        self.cfg = cfg
+    """measure_only: find and log the conflicts (fast path's hooks) but add no CEL (train.py, stgc.measure)."""
+
+    def __init__(self, cfg: STGCConfig, measure_only=False):
+        self.cfg, self.measure_only = cfg, measure_only
+        self.threshold, self.loss_weight = cfg.at(0, 1)                # tau, beta now; train.py calls set_step
         self.conflicts = []            # LayerConflicts of the last step, for logging
 
+    def set_step(self, step, total_steps):
+        self.threshold, self.loss_weight = self.cfg.at(step, total_steps)
+
     def layer_weight(self, num_layers):
-        return self.cfg.loss_weight / (num_layers if self.cfg.layer_reduction == "mean" else 1)
+        if self.measure_only:
+            return 0.0
+        return self.loss_weight / (num_layers if self.cfg.layer_reduction == "mean" else 1)
 
     # --- reference: two passes -------------------------------------------------------------
     def reference_conflicts(self, forward):
@@ -273,7 +350,8 @@ class STGC:
             with torch.autocast(device_type=out.loss.device.type, enabled=False):   # backward outside autocast
                 deltas = torch.autograd.grad(out.loss, [r.output for r in out.routing], allow_unused=True)
             self.conflicts = [find_conflicts(r, (torch.zeros_like(r.output) if d is None else d).reshape(-1, r.output.shape[-1]),
-                                             self.cfg, materialise=True) for r, d in zip(out.routing, deltas)]
+                                             self.cfg, materialise=True, threshold=self.threshold)
+                              for r, d in zip(out.routing, deltas)]
         return self.conflicts
 
     def cel(self, routing, conflicts, scale=1.0):
@@ -281,7 +359,7 @@ class STGC:
         passes 1 / gradient-accumulation steps)."""
         total = 0.0
         for r, c in zip(routing, conflicts):
-            layer_cel = conflict_elimination_loss(r.router_logits, c)
+            layer_cel = conflict_elimination_loss(r.router_logits, c, self.cfg.cel_norm)
             c.cel = layer_cel.detach()
             total = total + scale * self.layer_weight(len(routing)) * layer_cel
         return total
@@ -300,18 +378,20 @@ class STGC:
             # demo's size). The caller keeps the routing records alive through the backward.
             def on_output_grad(delta, record=weakref.ref(r), i=i, pending=pending):
                 r = record()
-                c = find_conflicts(r, delta.reshape(-1, delta.shape[-1]), self.cfg)
+                c = find_conflicts(r, delta.reshape(-1, delta.shape[-1]), self.cfg, threshold=self.threshold)
                 c.definition = "objective"                             # the whole objective's gradient arrives here
                 logits = r.router_logits.detach()
-                c.cel = conflict_elimination_loss(logits, c)
-                pending["grad"] = weight * cel_logit_grad(logits, c)
+                c.cel = conflict_elimination_loss(logits, c, self.cfg.cel_norm)
+                if not self.measure_only:
+                    pending["grad"] = weight * cel_logit_grad(logits, c, self.cfg.cel_norm)
                 self.conflicts[i] = c
 
             def on_logits_grad(g, pending=pending):
                 return g + pending.pop("grad") if "grad" in pending else g
 
             r.output.register_hook(on_output_grad)
-            r.router_logits.register_hook(on_logits_grad)
+            if not self.measure_only:                                  # measuring leaves every gradient as it is
+                r.router_logits.register_hook(on_logits_grad)
 
     def stats(self, num_experts):
         return [c.stats(num_experts) for c in self.conflicts if c is not None]

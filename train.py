@@ -46,8 +46,9 @@ from tqdm import tqdm
 
 from data import DataConfig, DataError, LlavaJsonDataset, ModalityLengthGroupedSampler, Tokenizer, collate, read_records
 from model import IGNORE_INDEX, LanguageModel, LlavaConfig, LlavaModel, VisionConfig, VisionTower, Projector, to_hf_state_dict
-from moe import MoEConfig, MoELayer, check_choice, is_moe_trainable
-from stgc import STGC, STGCConfig, stats_from_totals
+from moe import MoEConfig, MoELayer, check_choice, is_moe_trainable, sequence_aux_loss, update_expert_bias, z_loss
+from stgc import STGC, STGCConfig, kind_stats_from_totals, stats_from_totals
+from routing import KINDS, layer_sums, layer_stats, sums_width, token_kinds
 
 # -----------------------------------------------------------------------------
 # Config
@@ -617,6 +618,7 @@ class Context:
     tokenizer: Tokenizer = None
     stgc: STGC = None
     nonfinite: int = 0
+    probe: STGC = None                 # stgc.measure without STGC: conflict statistics only (made by train_step)
 
 
 def setup_distributed():
@@ -649,7 +651,16 @@ def train_step(ctx: Context, micro_batches, step, total_steps):
     bf16 = cfg.train.dtype == "bf16" and device.type == "cuda"
     sums = torch.zeros(4, device=device)                              # LM CE sum, aux, CEL, MoE layers
     load_LE = stgc_LT = None                                           # expert counts, STGC totals: whole step
-    E = ctx.raw.lm.cfg.moe.num_experts if ctx.raw.lm.cfg.moe is not None else 0
+    route_LX = None                                                    # routing.layer_sums | z, seq aux | per-kind totals
+    moe_cfg = ctx.raw.lm.cfg.moe
+    E, K = (moe_cfg.num_experts, moe_cfg.top_k) if moe_cfg is not None else (0, 0)
+    stgc = ctx.stgc                                                    # STGC, or its statistics alone (stgc.measure)
+    if stgc is None and cfg.stgc.measure and moe_cfg is not None:
+        ctx.probe = ctx.probe or STGC(replace(cfg.stgc, impl="fast"), measure_only=True)
+        stgc = ctx.probe
+    if stgc is not None:
+        stgc.set_step(step, total_steps)                               # tau, beta: schedules of the step
+    P = ctx.raw.cfg.image_positions                                    # per image: features (+ MoLE's start / end)
     for i, mb in enumerate(micro_batches):
         last = i == accum - 1
         sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()   # DDP: reduce once
@@ -664,14 +675,22 @@ def train_step(ctx: Context, micro_batches, step, total_steps):
                 if ctx.stgc is not None and ctx.stgc.cfg.impl == "reference":
                     conflicts = ctx.stgc.reference_conflicts(forward)     # pass 1 (paper): LM-loss gradients only
                 out = forward()
+                # per MoE layer [L]: z-loss and sequence aux (moe.py), with a graph only where they train
+                z_L, seq_L = (router_terms(out.routing, cfg.moe.z_loss_coef, z_loss),
+                              router_terms(out.routing, cfg.moe.seq_aux_loss_coef, sequence_aux_loss))
                 # ---- the objective: every term here -------------------------------------------------
                 lm_term = out.loss * out.num_tokens * ctx.world / n_global   # CE sum / N_global (DDP averages ranks)
                 aux_term = cfg.moe.aux_loss_coef * out.aux_loss / accum      # alpha * sum over MoE layers of aux
                 loss = lm_term + aux_term
+                if cfg.moe.z_loss_coef > 0:                                 # ST-MoE router z-loss, summed over layers
+                    loss = loss + cfg.moe.z_loss_coef * z_L.sum() / accum
+                if cfg.moe.seq_aux_loss_coef > 0:                           # per-sample aux, summed over layers
+                    loss = loss + cfg.moe.seq_aux_loss_coef * seq_L.sum() / accum
                 if conflicts is not None:
                     loss = loss + ctx.stgc.cel(out.routing, conflicts, scale=1 / accum)   # beta * CEL, pass 2
-                elif ctx.stgc is not None and out.routing:
-                    ctx.stgc.attach(out.routing, scale=1 / accum)          # beta * CEL gradient, in this backward
+                elif stgc is not None and out.routing:
+                    stgc.attach(out.routing, scale=1 / accum)              # beta * CEL gradient, in this backward
+                # (aux-loss-free balancing adds no term: its bias moves after the optimizer step, below)
                 # -------------------------------------------------------------------------------------
             # outside autocast, as PyTorch's AMP recipe says: each backward op runs in the dtype its forward op
             # ran in (on CPU and CUDA alike the engine would otherwise see autocast on and recast the router's fp32 grads)
@@ -683,10 +702,19 @@ def train_step(ctx: Context, micro_batches, step, total_steps):
         if out.routing:
             counts_LE = torch.stack([r.expert_counts.float() for r in out.routing])              # [L, E]
             load_LE = counts_LE if load_LE is None else load_LE + counts_LE
-        if ctx.stgc is not None and out.routing:
+        if stgc is not None and out.routing:
             totals_LT = torch.stack([c.totals(E) if c is not None else torch.zeros(4 + 2 * E, device=device)
-                                     for c in ctx.stgc.conflicts])   # [L, 4 + 2E]
+                                     for c in stgc.conflicts])       # [L, 4 + 2E]
             stgc_LT = totals_LT if stgc_LT is None else stgc_LT + totals_LT
+        if out.routing:                                                # routing measurements, real tokens only
+            kinds = token_kinds(mb["input_ids"], mb["labels"], mb["attention_mask"], P)   # [B, T'] on the host
+            kinds = kinds.reshape(-1).to(device, non_blocking=True) if tuple(kinds.shape) == out.routing[0].shape else None
+            kind_LT = torch.stack([c.kind_totals(kinds) if c is not None and kinds is not None
+                                   else torch.zeros(3 * len(KINDS), device=device)
+                                   for c in (stgc.conflicts if stgc is not None else [None] * len(out.routing))])
+            x_LX = torch.cat([torch.stack([layer_sums(r) for r in out.routing]),
+                              torch.stack([z_L.detach(), seq_L.detach()], dim=1), kind_LT], dim=1)
+            route_LX = x_LX if route_LX is None else route_LX + x_LX
     sums = all_reduce_sum(sums, ctx.world)
     lm_loss = float(sums[0] / n_global)
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip)
@@ -701,23 +729,63 @@ def train_step(ctx: Context, micro_batches, step, total_steps):
     ctx.nonfinite = 0
     ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)
+    X = sums_width(E)
+    if route_LX is not None:
+        route_LX = all_reduce_sum(route_LX, ctx.world)                 # the whole global batch, every rank alike
+        for r, row in zip(out.routing, route_LX):                      # aux-loss-free: bias from the global load
+            if getattr(r.module, "expert_bias", None) is not None:
+                update_expert_bias(r.module, row[2:2 + E])
     aux, cel = float(sums[1]) / (accum * ctx.world), float(sums[2]) / (accum * ctx.world)
     cel_weight = ctx.stgc.layer_weight(int(sums[3]) // (accum * ctx.world) or 1) if ctx.stgc is not None else 0.0
     log = {"step": step, "lr": lr, "loss": lm_loss + cfg.moe.aux_loss_coef * aux + cel_weight * cel, "lm_loss": lm_loss,
            "aux_loss": aux, "cel": cel, "grad_norm": grad_norm, "tokens": int(n_global)}
+    if ctx.stgc is not None:
+        log["stgc_tau"], log["stgc_beta"] = ctx.stgc.threshold, ctx.stgc.loss_weight
     # Routing statistics cover the whole step: every micro-batch, summed over ranks.
     #   expert_load  per MoE layer, each expert's share of the first choices (DeepSpeed's exp_counts)
     #   stgc         per MoE layer: pairs (kept, real, reached by the LM loss), conflict_ratio = conflicts / pairs,
     #                mean_cos over pairs, cel = the micro-batches' mean CEL, consistency = per expert the mean cos
-    #                of its pairs to its mean, definition = whose gradient ('objective' fast, 'lm_loss' reference)
+    #                of its pairs to its mean, definition = whose gradient ('objective' fast, 'lm_loss' reference),
+    #                per_kind = pairs, conflict_ratio and consistency of image / prompt-text / answer tokens; with
+    #                stgc.measure also in a run without STGC (cel: what the CEL would be; nothing trains on it)
+    #   routing      per MoE layer (routing.py; real tokens): entropy, load (all K choices, before capacity),
+    #                load_var, utilisation, coactivation (top-2 pairs), z_loss and seq_aux_loss (the micro-batches'
+    #                means, trained or not), expert_bias (aux-loss-free, after this step's update)
+    #   z_loss, seq_aux_loss  their sums over layers (the objective adds coef * these)
+    if route_LX is not None:
+        biases = [r.module.expert_bias for r in out.routing if getattr(r.module, "expert_bias", None) is not None]
+        rows = torch.cat([route_LX.flatten()] + [b.flatten() for b in biases]).tolist()   # one host sync
+        width, n = route_LX.shape[1], accum * ctx.world
+        bias_rows = iter([rows[len(route_LX) * width + i * E:len(route_LX) * width + (i + 1) * E] for i in range(len(biases))])
+        log["routing"] = []
+        for j, r in enumerate(out.routing):
+            t = rows[j * width:(j + 1) * width]
+            layer = {"layer": r.layer} | layer_stats(t[:X], E, K) | {"z_loss": t[X] / n, "seq_aux_loss": t[X + 1] / n}
+            if getattr(r.module, "expert_bias", None) is not None:
+                layer["expert_bias"] = next(bias_rows)
+            log["routing"].append(layer)
+        log["z_loss"] = sum(layer["z_loss"] for layer in log["routing"])
+        log["seq_aux_loss"] = sum(layer["seq_aux_loss"] for layer in log["routing"])
+        log["loss"] += cfg.moe.z_loss_coef * log["z_loss"] + cfg.moe.seq_aux_loss_coef * log["seq_aux_loss"]
     if load_LE is not None:
         load_LE = all_reduce_sum(load_LE, ctx.world)
         log["expert_load"] = (load_LE / load_LE.sum(-1, keepdim=True).clamp_min(1)).tolist()
     if stgc_LT is not None:
         stgc_LT = all_reduce_sum(stgc_LT, ctx.world)
-        log["stgc"] = [stats_from_totals(t, E, r.layer, "objective" if ctx.stgc.cfg.impl == "fast" else "lm_loss",
+        log["stgc"] = [stats_from_totals(t, E, r.layer, "objective" if stgc.cfg.impl == "fast" else "lm_loss",
                                          accum * ctx.world) for t, r in zip(stgc_LT, out.routing)]
+        for layer, j in zip(log["stgc"], range(len(out.routing))):
+            layer["per_kind"] = kind_stats_from_totals(rows[j * width + X + 2:(j + 1) * width], KINDS)
     return log
+
+
+def router_terms(routing, coef, fn):
+    """[L] fn(record) per MoE layer (moe.z_loss, moe.sequence_aux_loss), differentiable only when coef > 0: logged
+    either way, trained only when asked. Empty without routing."""
+    if not routing:
+        return torch.zeros(0)
+    with torch.set_grad_enabled(coef > 0 and torch.is_grad_enabled()):
+        return torch.stack([fn(r) for r in routing])
 
 
 class StopRequest:

@@ -191,6 +191,36 @@ def test_fake_cuda_stgc_forward_bookkeeping(kind, dtype):
             totals = c.totals(E)                                       # what train.py sums over a step's micro-batches
             assert totals.device.type == "cuda" and totals.shape == (4 + 2 * E,)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fake_cuda_router_objectives_measurements_and_expert_bias(dtype):
+    """The routing laboratory's device work (tests/test_routing.py has the values): z-loss, sequence aux, the
+    per-layer sums train.py logs, the per-kind conflict totals, and the aux-loss-free bias, which is built fp32 on the
+    device whatever the model's dtype, chooses experts on the device and is updated there in fp32."""
+    from dataclasses import replace
+    from moe import sequence_aux_loss, update_expert_bias, z_loss
+    from routing import assignment_load, layer_sums, sums_width
+    cfg = lm_config("stablelm2", "ffn")
+    cfg.moe = replace(cfg.moe, expert_bias=True)
+    with fake_cuda():
+        lm = build(lambda: LanguageModel(cfg), dtype).train()
+        ids, mask, labels = padded_batch()
+        out = lm(input_ids=ids, attention_mask=mask, labels=labels)
+        E = cfg.moe.num_experts
+        for r in out.routing:
+            assert r.module.expert_bias.device.type == "cuda" and r.module.expert_bias.dtype == torch.float32
+            terms = [z_loss(r), sequence_aux_loss(r), layer_sums(r), assignment_load(r)]
+            assert all(t.device.type == "cuda" and t.dtype == torch.float32 for t in terms)
+            assert terms[2].shape == (sums_width(E),)
+            delta = torch.randn_like(r.output)
+            c = find_conflicts(r, delta.reshape(-1, delta.shape[-1]), STGCConfig(enabled=True))
+            kinds = torch.zeros(r.router_logits.shape[0], dtype=torch.long)    # [S] on the (fake) device
+            kt = c.kind_totals(kinds)
+            assert kt.device.type == "cuda" and kt.shape == (9,)
+            update_expert_bias(r.module, terms[3])
+            assert r.module.expert_bias.device.type == "cuda" and r.module.expert_bias.dtype == torch.float32
+
 # -----------------------------------------------------------------------------
 # 2. The dispatch spy: experts compute in bf16 under autocast with fp32 master weights
 

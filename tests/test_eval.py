@@ -686,6 +686,61 @@ def test_expert_loading_prefill_equals_forward_routing(setup):
         h.remove()
 
 
+def test_expert_loading_pathways_and_coactivation_equal_direct_counts(setup):
+    """eval's activated pathways and co-activation (routing.py) on a prefill equal a direct count, token by token,
+    over the routing records of that same generate() call (caught by a second hook)."""
+    from collections import Counter
+    model, tok, data_cfg, template = ev.load_model(config(setup, "x"), torch.device("cpu"))
+    loading = ev.ExpertLoading(model)
+    seen = []
+    spies = [m.register_forward_hook(lambda mod, i, out: seen.append(out[1])) for _, m in ev.moe_layers(model)]
+    prompts = [tok.tokenize_with_images(template.render([q])) for q in ("<image>\nWhat color is the circle?", "Hi there")]
+    loading.begin(prompts)
+    new = model.generate(prompts, torch.randn(1, 3, 32, 32), max_new_tokens=1)   # prefill only
+    loading.end(new)
+    summary = loading.summary(2)
+    for h in loading.hooks + spies:
+        h.remove()
+    kinds = loading.prefill.reshape(-1)                                # [S] left padding = -1
+    assert len(seen) == 2 and seen[0].experts.shape[0] == kinds.shape[0]
+    paths, pairs = {k: Counter() for k in ev.KINDS}, Counter()
+    for s in range(kinds.shape[0]):
+        if kinds[s] >= 0:
+            paths[ev.KINDS[kinds[s]]][tuple(int(r.experts[s, 0]) for r in seen)] += 1
+            e0, e1 = seen[0].experts[s].tolist()
+            pairs[(min(e0, e1), max(e0, e1))] += 1
+    assert loading.paths == paths and sum(paths["image"].values()) == 16
+    n = int((kinds >= 0).sum())
+    assert summary["routing"][0]["tokens"] == n
+    assert {(i, j): round(share * n) for i, j, share in summary["routing"][0]["coactivation"]} == dict(pairs)
+    total = sum(paths.values(), Counter())
+    assert summary["distinct_pathways"]["total"] == len(total)
+    assert [tuple(p) for p, _, _ in summary["pathways"]["total"]] == [p for p, _ in sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))][:10]
+
+
+def test_routing_analysis_files(full_run):
+    """Per benchmark: routing measures and pathways in expert_loading.json, a pathway plot where matplotlib is;
+    purity / NMI across the benchmarks; on the labelled split, per-kind consistency and domain purity / NMI."""
+    out, results = full_run
+    loading = json.load(open(out / "analysis" / "expert_loading.json"))
+    for name, a in loading.items():
+        assert [x["layer"] for x in a["routing"]] == a["layers"] and a["pathways"]["total"]
+        assert all(0 <= x["utilisation"] <= 1 and x["load_var"] >= 0 for x in a["routing"])
+        assert sum(a["top1_counts"][0]) == sum(a["tokens"].values())
+    spec = json.load(open(out / "analysis" / "specialisation.json"))
+    assert set(spec["benchmarks"]) == set(results) and all(0 <= x["nmi"] <= 1 for x in spec["layers"])
+    try:
+        import matplotlib  # noqa: F401
+        assert os.path.isfile(out / "analysis" / "pathways_pope.png")
+    except ImportError:
+        pass
+    conflicts = json.load(open(out / "analysis" / "conflicts.json"))
+    assert len(conflicts["domains"]) >= 2
+    for layer in conflicts["layers"]:
+        assert set(layer["per_kind"]["answer"]) == {"pairs", "conflict_ratio", "consistency"}
+        assert 0 < layer["domain"]["purity"] <= 1 and layer["routing"]["tokens"] > 0
+
+
 def test_expert_loading_counts_decoded_tokens_until_eos(setup):
     """Decoding call c feeds back generated token c - 1; it counts while that token is before eos: a sequence
     that stops early stops counting while the other one goes on."""
