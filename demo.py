@@ -28,6 +28,8 @@ import shutil
 import statistics
 import time
 
+import torch
+
 import train
 from data import build_synthetic_dataset
 from eval import EvalConfig, run as run_eval
@@ -49,6 +51,9 @@ DOMAINS = ("color", "count", "spatial", "ocr", "pope", "mc", "text")
 QUICK = ["--train.max_steps=2", "--train.global_batch_size=4", "--train.micro_batch_size=2"]
 
 
+# One CPU thread: a demo step is a few hundred small ops, so a 2-thread OpenMP team gains little even on 2 idle
+# cores and loses 2-4x as soon as another job takes one of them (bench/demo_threads.py, bench/RESULTS.md).
+DEFAULT_THREADS = 1
 DATA = dict(seed=0, n_train=4000, n_val=200, n_test=400, image_size=48)      # build_synthetic_dataset's defaults
 QUICK_DATA = DATA | dict(n_train=64, n_val=8, n_test=16)
 
@@ -154,7 +159,18 @@ def main(argv=None):
     p.add_argument("--data", default="out/synthetic",
                    help="the synthetic dataset (built there if absent or built with other sizes)")
     p.add_argument("--quick", action="store_true", help="a few steps and samples: checks the pipeline in seconds")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help=f"CPU threads for torch (default {DEFAULT_THREADS}: measured fastest on shared cores, bench/demo_threads.py)")
     args = p.parse_args(argv)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run_demo(args)
+    finally:
+        torch.set_num_threads(previous)                                # tests call main in-process
+
+
+def run_demo(args) -> dict:
     t0, times = time.perf_counter(), {}
     data_dir = build_data(args.data, QUICK_DATA if args.quick else DATA)
     times["data"] = time.perf_counter() - t0

@@ -393,7 +393,8 @@ def resolve_resume(path, out_dir):
 # of step and total), so the lr jumps to the new curve's value: printed with the values.
 RESUMABLE = ("train.max_steps", "train.epochs", "train.log_every", "train.save_every", "train.keep_last",
              "train.num_workers", "train.max_nonfinite", "train.overwrite", "train.out_dir", "train.parallel",
-             "train.activation_checkpointing", "moe.impl", "data.check_images_exist", "data.strict", "data.max_skip_share")
+             "train.activation_checkpointing", "moe.impl", "stgc.measure", "data.check_images_exist", "data.strict",
+             "data.max_skip_share")
 CODE_FILES = ("data.py", "model.py", "moe.py", "stgc.py", "train.py")
 
 
@@ -1000,6 +1001,9 @@ def export_moe_llava(checkpoint, out_dir, drop_trained_tower=False):
         raise ConfigError(f"{checkpoint}: its vision tower was trained (train.train_vision_tower), and MoE-LLaVA's layout "
                           "has no place for it; keep using our checkpoint, or pass --drop-trained-tower to export without it")
     model = LlavaModel.from_pretrained(checkpoint)
+    if any(name.endswith("expert_bias") for name, _ in model.named_buffers()):
+        raise ConfigError(f"{checkpoint}: its routers choose experts with an aux-loss-free bias (moe.expert_bias), which "
+                          "MoE-LLaVA's layout and code do not have: exported, it would route differently; keep our checkpoint")
     lm = model.lm.cfg
     family = lm.family if lm.family != "llama" or not (lm.qkv_bias and not lm.o_bias) else "qwen1_5"   # Qwen2 biases
     hf = {"model_type": ("moe_llava_" if lm.moe else "llava_") + family, "vocab_size": lm.vocab_size,

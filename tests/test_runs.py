@@ -202,3 +202,12 @@ def test_a_run_that_skips_too_much_stops_with_the_report(synthetic, tmp_path):
     with pytest.raises(train.ConfigError, match=r"step 1: \d+ of 8 records skipped"):
         train.main(argv + [f"--train.out_dir={tmp_path}/lazy", "--data.check_images_exist=false",
                            "--data.max_skip_share=0.0"])
+
+
+def test_export_refuses_an_expert_bias_it_cannot_carry(synthetic, tmp_path):
+    """An aux-loss-free run routes with its bias at evaluation too; MoE-LLaVA's layout has no such tensor."""
+    out = str(tmp_path / "auxfree")
+    train.main(["--config", SMOKE] + data_args(synthetic) + [f"--train.out_dir={out}", "--train.max_steps=1",
+                                                             "--train.stage=moe", "--moe.expert_bias=true"])
+    with pytest.raises(train.ConfigError, match="aux-loss-free bias .*would route differently"):
+        train.export_moe_llava(out, str(tmp_path / "hf"), drop_trained_tower=True)
