@@ -104,6 +104,8 @@ class EvalConfig:
         if unknown:
             raise ValueError(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)} (or 'all')")
         self.benchmarks = names
+        if self.conflicts and not os.path.isfile(self.conflicts):      # before any generation, not after it
+            raise ValueError(f"--conflicts {self.conflicts!r} not found (a labelled LLaVA JSON for conflict statistics)")
         self.model_id = self.model_id or os.path.basename(os.path.normpath(self.checkpoint))
         self.checkpoint = latest_checkpoint(self.checkpoint)   # a train.py run dir means its latest step
         self.out = self.out or os.path.join(self.checkpoint, "eval")

@@ -211,3 +211,9 @@ def test_export_refuses_an_expert_bias_it_cannot_carry(synthetic, tmp_path):
                                                              "--train.stage=moe", "--moe.expert_bias=true"])
     with pytest.raises(train.ConfigError, match="aux-loss-free bias .*would route differently"):
         train.export_moe_llava(out, str(tmp_path / "hf"), drop_trained_tower=True)
+
+
+def test_eval_names_a_missing_conflicts_file_before_generating(tmp_path):
+    import eval as ev
+    with pytest.raises(ValueError, match="--conflicts '/no/such.json' not found"):
+        ev.EvalConfig(checkpoint=str(tmp_path), conflicts="/no/such.json")
