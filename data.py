@@ -1094,9 +1094,96 @@ def _synthetic_eval_files(test: list[dict], seed: int) -> dict[str, object]:
             "gqa/llava_gqa_testdev_balanced.jsonl": gqa_q, "gqa/testdev_balanced_questions.json": gqa_gold,
             "textvqa/llava_textvqa_val_v051_ocr.jsonl": tv_q, "textvqa/TextVQA_0.5.1_val.json": {"data": tv_gold}}
 
+# -----------------------------------------------------------------------------
+# The conflict variant (variant="conflict"): token gradient conflict by construction, for bench/testbed.py.
+# Four domains ask the same questions ("What color is the circle in the top left?") about the same kind of
+# scene and answer from the same six colour words, but each names a colour by its own rule: domain k names
+# the colour k steps round the colour wheel. The dial `conflict_strength` s in [0, 1] says on how many of the
+# six colours the rules act (the first round(6 s) of WHEEL; the others every domain names as they are), so at
+# s = 0 the four domains are one task under four names and at s = 1 every answer depends on the domain. The
+# domain is visible only through its cue: a marker word at the start of the question ("[beta] What color
+# ..."), or a grey frame round the image (cue="image"), or both. For the same seed, every strength has the
+# same scenes, images, questions and tokenizer: only the answers of the conflicted colours change.
+# Ideal routing (meta.json "conflict"): domain k's tokens belong to expert k (up to naming the experts),
+# at the positions where the rule is applied, the positions that predict an answer token. A model that
+# ignores the domain can at best answer a conflicted colour as one domain does: its ceiling is
+# 1 - m/6 + (m/6)/4 with m conflicted colours (25% at s = 1). docs/testbed.md has the whole design.
+
+CONFLICT_DOMAINS = ("alpha", "beta", "gamma", "delta")
+WHEEL = ("red", "orange", "yellow", "green", "blue", "purple")      # the wheel the rules turn (all of COLOURS)
+FRAMES = {"alpha": (20, 20, 20), "beta": (90, 90, 90), "gamma": (150, 150, 150), "delta": (205, 205, 205)}
+CONFLICT_CUES = ("marker", "image", "both")
+
+
+def conflicted_colours(strength: float) -> tuple:
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"conflict_strength={strength} must be in [0, 1]")
+    return WHEEL[:round(strength * len(WHEEL))]
+
+
+def conflict_answer(domain: str, colour: str, strength: float) -> str:
+    """Domain k names a conflicted colour by the one k steps round the wheel; any other colour as it is."""
+    if colour not in conflicted_colours(strength):
+        return colour
+    return WHEEL[(WHEEL.index(colour) + CONFLICT_DOMAINS.index(domain)) % len(WHEEL)]
+
+
+def domain_blind_ceiling(strength: float) -> float:
+    """The best accuracy of a model that cannot tell the domains apart (uniform colours and domains)."""
+    m = len(conflicted_colours(strength)) / len(WHEEL)
+    return 1 - m + m / len(CONFLICT_DOMAINS)
+
+
+def conflict_image(scene: dict, size: int) -> Image.Image:
+    img = synthetic_image(scene, size)
+    if "frame" in scene:                     # 2 pixels wide: every patch of a 2x2 grid touches it
+        ImageDraw.Draw(img).rectangle((0, 0, size - 1, size - 1), outline=FRAMES[scene["frame"]], width=2)
+    return img
+
+
+def conflict_record(split: str, i: int, rng: random.Random, image_size: int, image_dir: str | None,
+                    strength: float, cue: str, objects: tuple = (2, 4)) -> dict:
+    """One record of the conflict variant. Every random draw is made before and independently of `strength`,
+    so the same (seed, split, i) gives the same scene and questions at every strength. image_dir None: no
+    image is written (the tokenizer corpus)."""
+    domain = CONFLICT_DOMAINS[rng.randrange(len(CONFLICT_DOMAINS))]
+    cells = sorted(rng.sample(range(4), rng.randint(*objects)))       # 'objects': (fewest, most) shapes
+    scene = {"objects": [{"colour": rng.choice(WHEEL), "shape": rng.choice(SHAPES), "cell": c} for c in cells]}
+    if cue in ("image", "both"):
+        scene["frame"] = domain
+    qa = []
+    for o in rng.sample(scene["objects"], min(len(cells), rng.randint(1, 2))):   # one or two turns, different cells
+        what = o["shape"] if rng.random() < 0.5 else "shape"
+        qa.append((f"What color is the {what} in the {CELLS[o['cell']]}?" + SHORT,
+                   conflict_answer(domain, o["colour"], strength)))
+    marker = f"[{domain}] " if cue in ("marker", "both") else ""
+    qa[0] = (IMAGE_PLACEHOLDER + "\n" + marker + qa[0][0], qa[0][1])
+    rec = {"id": f"{split}-{i:06d}", "domain": domain, "domain_index": CONFLICT_DOMAINS.index(domain),
+           "image": f"{split}/{i:06d}.png", "scene": scene,
+           "conversations": [{"from": f, "value": v} for q, a in qa for f, v in (("human", q), ("gpt", a))]}
+    if image_dir is not None:
+        conflict_image(scene, image_size).save(os.path.join(image_dir, rec["image"]), compress_level=1)
+    return rec
+
+
+def conflict_meta(strength: float, cue: str, objects: tuple) -> dict:
+    return {"strength": strength, "cue": cue, "objects": list(objects), "domains": list(CONFLICT_DOMAINS), "wheel": list(WHEEL),
+            "conflicted_colours": list(conflicted_colours(strength)),
+            "rule": "domain k (its index in 'domains') names a conflicted colour by the one k steps round 'wheel', "
+                    "every other colour as it is",
+            "ideal_routing": {d: k for k, d in enumerate(CONFLICT_DOMAINS)},
+            "ideal_routing_scope": "tokens at the positions that predict an answer token; one expert per domain, up "
+                                   "to naming the experts (purity = the best one-to-one match of domains to experts)",
+            "domain_blind_ceiling": domain_blind_ceiling(strength)}
+
+
+SYNTHETIC_VARIANTS = ("default", "conflict")
+
 
 def build_synthetic_dataset(out_dir: str, seed: int = 0, n_train: int = 4000, n_val: int = 200,
-                            n_test: int = 400, image_size: int = 48, vocab_size: int = 1024) -> dict:
+                            n_test: int = 400, image_size: int = 48, vocab_size: int = 1024,
+                            variant: str = "default", conflict_strength: float = 1.0,
+                            conflict_cue: str = "marker", conflict_objects: tuple = (2, 4)) -> dict:
     """Write the synthetic dataset; deterministic in (seed, sizes). Returns {name: path} of what it wrote.
 
     | file (under out_dir)                            | contents                                                |
@@ -1122,21 +1209,41 @@ def build_synthetic_dataset(out_dir: str, seed: int = 0, n_train: int = 4000, n_
 
     Every "image" path is relative to out_dir/images. Answers of eval questions follow the benchmarks'
     suffixes (single word, or option letter for ScienceQA, which eval.py appends as the original does).
+
+    variant="conflict" (opt-in; the default output is unchanged): the four-domain colour task with conflict by
+    construction (see the section above), at `conflict_strength` in [0, 1] with the domain cue `conflict_cue`
+    ('marker' | 'image' | 'both'), `conflict_objects` = (fewest, most) shapes per scene. It writes images/, train/val/test.json (records carry "domain" and
+    "domain_index"), tokenizer.json and meta.json (its "conflict" entry: the rule, the ideal routing, the
+    domain-blind ceiling); no pretrain.json and no eval/ files. Its tokenizer is trained on the strength-0
+    answers, so every strength of a seed shares one tokenizer (and one model can move between them).
     """
+    check_choice("variant", variant, SYNTHETIC_VARIANTS)
+    check_choice("conflict_cue", conflict_cue, CONFLICT_CUES)
+    conflict = variant == "conflict"
+    conflicted_colours(conflict_strength)                                 # the range check
     image_dir = os.path.join(out_dir, "images")
     splits = {}
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         os.makedirs(os.path.join(image_dir, split), exist_ok=True)
+        if conflict:
+            splits[split] = [conflict_record(split, i, random.Random(f"{seed}/conflict/{split}/{i}"), image_size,
+                                             image_dir, conflict_strength, conflict_cue, conflict_objects) for i in range(n)]
+            continue
         splits[split] = [_synthetic_record(split, i, random.Random(f"{seed}/{split}/{i}"), image_size, image_dir)
                          for i in range(n)]
-    pretrain = [{"id": f"cap-{r['id']}", "image": r["image"], "conversations": [
-                 {"from": "human", "value": IMAGE_PLACEHOLDER + "\nDescribe the image briefly."},
-                 {"from": "gpt", "value": synthetic_caption(r["scene"])}]} for r in splits["train"] if "scene" in r]
-    files = {f"{s}.json": recs for s, recs in splits.items()} | {"pretrain.json": pretrain}
-    files |= {f"eval/{k}": v for k, v in _synthetic_eval_files(splits["test"], seed).items()}
+    files = {f"{s}.json": recs for s, recs in splits.items()}
+    if not conflict:
+        pretrain = [{"id": f"cap-{r['id']}", "image": r["image"], "conversations": [
+                     {"from": "human", "value": IMAGE_PLACEHOLDER + "\nDescribe the image briefly."},
+                     {"from": "gpt", "value": synthetic_caption(r["scene"])}]} for r in splits["train"] if "scene" in r]
+        files |= {"pretrain.json": pretrain}
+        files |= {f"eval/{k}": v for k, v in _synthetic_eval_files(splits["test"], seed).items()}
     domains = {s: dict(sorted(Counter(r["domain"] for r in recs).items())) for s, recs in splits.items()}
     files["meta.json"] = {"seed": seed, "image_size": image_size, "image_folder": "images", "template": "phi",
                           "tokenizer": "tokenizer.json", "tokenizer_family": "phi", "splits": domains}
+    if conflict:
+        files["meta.json"] |= {"variant": "conflict", "conflict": conflict_meta(conflict_strength, conflict_cue,
+                                                                                  conflict_objects)}
     paths = {}
     for name, obj in files.items():
         paths[name] = path = os.path.join(out_dir, name)
@@ -1149,6 +1256,10 @@ def build_synthetic_dataset(out_dir: str, seed: int = 0, n_train: int = 4000, n_
     # The tokenizer learns from the rendered conversations; "<image>" is cut out first (it is split off
     # before encoding, §3.4), so no merge can ever spell it, and <|endoftext|> is a special token.
     phi, lists = TEMPLATES["phi"], [recs for recs in files.values() if isinstance(recs, list)]
+    if conflict:                         # the strength-0 conversations: one tokenizer for every strength
+        lists = [[conflict_record(s, i, random.Random(f"{seed}/conflict/{s}/{i}"), image_size, None, 0.0, conflict_cue,
+                                  conflict_objects)
+                  for i in range(len(recs))] for s, recs in splits.items()]
     corpus = [phi.render([t["value"] for t in r["conversations"]]) for recs in lists for r in recs
               if "conversations" in r]
     corpus += [x["text"] for recs in lists for x in recs if "text" in x] + [SYSTEM_LLAVA]
@@ -1166,6 +1277,11 @@ if __name__ == "__main__":
     p.add_argument("--out", required=True)
     for arg, default in (("seed", 0), ("n-train", 4000), ("n-val", 200), ("n-test", 400), ("image-size", 48)):
         p.add_argument(f"--{arg}", type=int, default=default)
+    p.add_argument("--variant", default="default", choices=SYNTHETIC_VARIANTS,
+                   help="'conflict': four domains with token gradient conflict by construction (bench/testbed.py)")
+    p.add_argument("--conflict-strength", type=float, default=1.0, help="conflict: the dial, 0 (none) to 1 (complete)")
+    p.add_argument("--conflict-cue", default="marker", choices=CONFLICT_CUES, help="conflict: how the domain shows")
     a = p.parse_args()
-    paths = build_synthetic_dataset(a.out, a.seed, a.n_train, a.n_val, a.n_test, a.image_size)
+    paths = build_synthetic_dataset(a.out, a.seed, a.n_train, a.n_val, a.n_test, a.image_size, variant=a.variant,
+                                    conflict_strength=a.conflict_strength, conflict_cue=a.conflict_cue)
     print(f"wrote the synthetic dataset to {a.out}: " + ", ".join(k for k in paths if not k.startswith("eval/")))

@@ -201,6 +201,7 @@ def run_demo(args) -> dict:
     print(f"time: {', '.join(f'{k} {v:.0f}s' for k, v in times.items())}")
     print(f"outputs: {args.out}/ (results.json; stage*/log.jsonl; eval_stage*/answers, results.json, "
           f"analysis/expert_loading.json)")
+    print("does STGC move conflicting tokens where conflict is known? README 'The conflict testbed' (bench/experiment.py --testbed)")
     return report
 
 

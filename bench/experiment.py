@@ -7,6 +7,7 @@ code. Per variant and seed: per-domain accuracy, the conflict ratio and gradient
     .venv/bin/python demo.py                               # once: builds out/demo/stage2
     .venv/bin/python bench/experiment.py                   # 7 variants x 3 seeds (about 45 min on 2 CPU cores)
     .venv/bin/python bench/experiment.py --variants moe moe_stgc --seeds 0
+    .venv/bin/python bench/experiment.py --testbed [--quick]   # the conflict testbed instead (bench/testbed.py)
 
 Writes <out>/results.json, <out>/table.md (mean ± std over seeds) and, with matplotlib, <out>/accuracy.png,
 <out>/conflicts.png and <out>/loading.png. A finished (variant, seed) is reused on a rerun.
@@ -163,7 +164,12 @@ def plots(runs: dict, out: str):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--testbed" in argv:                                           # a separate experiment with its own options
+        import testbed
+        return testbed.main([a for a in argv if a != "--testbed"])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                epilog="--testbed [OPTIONS]: the conflict testbed instead (bench/testbed.py --help)")
     p.add_argument("--base", default="out/demo/stage2", help="the stage-II checkpoint every variant starts from")
     p.add_argument("--data", default="out/synthetic")
     p.add_argument("--out", default="out/experiment")
