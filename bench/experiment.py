@@ -47,23 +47,50 @@ VARIANTS = {
     "mole": MOLE + MEASURE,
     "mole_stgc": MOLE + CEL,
     "lora": ["--train.stage=lora", "--stgc.enabled=false"] + LORA,
+    # the routing objectives STGC is compared with (docs/routing.md), on the same MoE layer, defaults otherwise:
+    # aux-loss-free balancing replaces the aux loss (DeepSeek-V3), z-loss is added to it (ST-MoE, Megatron's 1e-3)
+    "moe_auxfree": ["--train.stage=moe", "--moe.aux_loss_coef=0.0", "--moe.expert_bias=true"] + MEASURE,
+    "moe_zloss": ["--train.stage=moe", "--moe.z_loss_coef=0.001"] + MEASURE,
+    "moe_stgc_auxfree": ["--train.stage=moe", "--moe.aux_loss_coef=0.0", "--moe.expert_bias=true"] + CEL,
 }
+DEFAULT_VARIANTS = ["dense", "moe", "moe_stgc", "moe_stgc_b0.5", "mole", "mole_stgc", "lora"]
+
+
+def run_key(variant: str, seed: int, overrides: list, args) -> dict:
+    """What produces a (variant, seed) result: its overrides, the base checkpoint's weights and config, the data
+    set, the evaluation sample count and the code. A cached summary is reused only when all of these match."""
+    import hashlib
+    import train
+    base = train.latest_checkpoint(args.base)
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        h.update(open(os.path.join(base, name), "rb").read())
+    eval_code = hashlib.sha256(b"".join(open(os.path.join(os.path.dirname(__file__), "..", n), "rb").read()
+                                        for n in ("eval.py", "benchmarks.py", "routing.py", "demo.py"))).hexdigest()[:12]
+    return {"variant": variant, "seed": seed, "overrides": overrides, "base": h.hexdigest()[:16],
+            "data": train.sha256_file(os.path.join(args.data, "train.json"))[:16], "max_samples": args.max_samples,
+            "train_code": train.code_version(), "eval_code": eval_code}
 
 
 def run_one(variant: str, seed: int, args) -> dict:
     """Train and evaluate one (variant, seed); cached in <out>/<variant>_s<seed>/summary.json."""
     name = f"{variant}_s{seed}"
     summary_path = os.path.join(args.out, name, "summary.json")
-    if os.path.isfile(summary_path):
-        return read_json(summary_path)
-    shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)   # a run cut short: start it afresh
     overrides = [o.format(base=args.base) for o in COMMON + VARIANTS[variant]] + [f"--train.seed={seed}"] + args.extra.split()
+    key = run_key(variant, seed, overrides, args)
+    if os.path.isfile(summary_path):
+        cached = read_json(summary_path)
+        if cached.get("key") == key:
+            return cached
+    shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)   # a run cut short or stale: start it afresh
     checkpoint = train_stage(name, overrides, args.out, args.data)
     benchmarks = evaluate(checkpoint, args.data, os.path.join(args.out, name, "eval"), max_samples=args.max_samples)
     loading_path = os.path.join(args.out, name, "eval", "analysis", "expert_loading.json")
-    summary = {"variant": variant, "seed": seed, "scores": domain_scores(benchmarks),
+    spec_path = os.path.join(args.out, name, "eval", "analysis", "specialisation.json")
+    summary = {"variant": variant, "seed": seed, "key": key, "scores": domain_scores(benchmarks),
                "stgc": conflict_curve(os.path.join(args.out, name, "log.jsonl")),
-               "loading": read_json(loading_path) if os.path.isfile(loading_path) else {}}
+               "loading": read_json(loading_path) if os.path.isfile(loading_path) else {},
+               "specialisation": read_json(spec_path) if os.path.isfile(spec_path) else {}}
     with open(summary_path, "w") as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -83,11 +110,38 @@ def busiest_share(loading: dict):
     return statistics.fmean(shares) if shares else None
 
 
+def load_variance(loading: dict):
+    """Variance of the experts' shares of the evaluation tokens (routing.py), mean over benchmarks and MoE layers."""
+    values = [layer["load_var"] for b in loading.values() for layer in b.get("routing", [])]
+    return statistics.fmean(values) if values else None
+
+
+def purity(spec: dict):
+    """Expert-benchmark purity (eval's specialisation.json), mean over MoE layers; 1/B when routing ignores the benchmark."""
+    values = [layer["purity"] for layer in spec.get("layers", [])]
+    return statistics.fmean(values) if values else None
+
+
+def top_pathway(loading: dict):
+    """(pathway, share) of the most frequent first-choice pathway over all benchmarks' tokens."""
+    counts = {}
+    for b in loading.values():
+        for path, n, _ in b.get("pathways", {}).get("total", []):
+            counts[tuple(path)] = counts.get(tuple(path), 0) + n
+    total = sum(ranked[0][1] / ranked[0][2] for ranked in (b.get("pathways", {}).get("total", []) for b in loading.values())
+                if ranked and ranked[0][2] > 0)                       # n / share: each benchmark's token count
+    if not counts:
+        return None
+    path, n = max(counts.items(), key=lambda kv: kv[1])
+    return "-".join(map(str, path)), n / max(total, 1)
+
+
 def table(runs: dict) -> str:
-    """Markdown: per-domain accuracy mean ± std over seeds, the conflict ratio late in training, and the
-    busiest expert's share of the evaluation tokens."""
-    head = ("| variant | " + " | ".join(DOMAINS) + " | mean | conflict ratio (last 25% of steps) | busiest expert's share |")
-    lines = [head, "|" + "---|" * (len(DOMAINS) + 4)]
+    """Markdown: per-domain accuracy mean ± std over seeds, the conflict ratio late in training, the busiest expert's
+    share and the load variance of the evaluation tokens, expert-benchmark purity, and seed 0's top pathway."""
+    head = ("| variant | " + " | ".join(DOMAINS) + " | mean | conflict ratio (last 25% of steps) | busiest expert's share "
+            "| load variance | purity | top pathway (seed 0) |")
+    lines = [head, "|" + "---|" * (len(DOMAINS) + 7)]
     for variant, summaries in runs.items():
         cells = []
         for d in DOMAINS:
@@ -100,7 +154,14 @@ def table(runs: dict) -> str:
         conflict = "-" if cm is None else f"{cm:.1%} ± {cs:.1%}"
         bm, bs = mean_std([busiest_share(x["loading"]) for x in summaries])
         busiest = "-" if bm is None else f"{bm:.3f} ± {bs:.3f}"
-        lines.append(f"| {variant} (n={len(summaries)}) | " + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} | {conflict} | {busiest} |")
+        vm, vs = mean_std([load_variance(x["loading"]) for x in summaries])
+        variance = "-" if vm is None else f"{vm:.4f} ± {vs:.4f}"
+        pm, ps = mean_std([purity(x.get("specialisation", {})) for x in summaries])
+        pure = "-" if pm is None else f"{pm:.3f} ± {ps:.3f}"
+        top = top_pathway(summaries[0]["loading"]) if summaries else None
+        path = "-" if top is None else f"{top[0]} ({top[1]:.1%})"
+        lines.append(f"| {variant} (n={len(summaries)}) | " + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} | {conflict} | {busiest} "
+                     f"| {variance} | {pure} | {path} |")
     return "\n".join(lines)
 
 
@@ -173,7 +234,8 @@ def main(argv=None):
     p.add_argument("--base", default="out/demo/stage2", help="the stage-II checkpoint every variant starts from")
     p.add_argument("--data", default="out/synthetic")
     p.add_argument("--out", default="out/experiment")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
+                   help=f"default {' '.join(DEFAULT_VARIANTS)}; the routing objectives: moe_auxfree moe_zloss moe_stgc_auxfree")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--max-samples", type=int, default=600, help="per benchmark (POPE has 2,000 questions)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -186,7 +248,12 @@ def main(argv=None):
     # run's timing independent of the ones before it.
     for v in args.variants:
         for seed in args.seeds:
-            if not os.path.isfile(os.path.join(args.out, f"{v}_s{seed}", "summary.json")):
+            path = os.path.join(args.out, f"{v}_s{seed}", "summary.json")
+            overrides = [o.format(base=args.base) for o in COMMON + VARIANTS[v]] + [f"--train.seed={seed}"] + args.extra.split()
+            cached = read_json(path) if os.path.isfile(path) else None
+            if cached is None or cached.get("key") != run_key(v, seed, overrides, args):
+                if cached is not None:
+                    print(f"experiment: {v}_s{seed} was produced by other settings, base, data or code: rerunning it")
                 worker = [sys.executable, os.path.abspath(__file__), "--worker", "--variants", v, "--seeds", str(seed),
                           "--base", args.base, "--data", args.data, "--out", args.out,
                           "--max-samples", str(args.max_samples), f"--extra={args.extra}"]

@@ -67,10 +67,18 @@ def test_experiment_variants_measure_conflicts(quick_demo, capsys):
     assert train_cfg("moe")["stgc"]["loss_weight"] == 0.0 and train_cfg("moe_stgc")["stgc"]["loss_weight"] > 0
     table = (out / "table.md").read_text()
     assert table.count("\n") == 2 + 3 and "moe_stgc (n=1)" in table
+    assert "| load variance | purity | top pathway (seed 0) |" in table
     # a rerun reuses the finished runs instead of training again
     capsys.readouterr()
     experiment.main(argv)
     assert "stage moe" not in capsys.readouterr().out
+    # ... but only what the same settings, base, data and code produced: another eval sample count reruns it
+    again = argv[:argv.index("--variants")] + ["--variants", "moe_auxfree", "--seeds", "0", "--max-samples", "3",
+                                                f"--extra={QUICK}"]
+    runs = experiment.main(again)
+    assert runs["moe_auxfree"][0]["key"]["max_samples"] == 3
+    experiment.main(again[:-3] + ["--max-samples", "2", f"--extra={QUICK}"])
+    assert "moe_auxfree_s0 was produced by other settings, base, data or code: rerunning it" in capsys.readouterr().out
 
 
 def test_data_rebuilt_when_built_with_other_parameters(tmp_path, capsys):
