@@ -3,7 +3,7 @@ benchmarks.py: what each benchmark of the papers is, file by file: how its offic
 prompts, how its answers are scored, and which official answer / submission file is written. eval.py runs a
 model over the questions; everything benchmark-specific lives here (DESIGN.md allows the split past ~1000 lines).
 
-Each metric reproduces the script MoE-LLaVA runs (reference/moe_llava.md §5.2; LLaVA-1.5's eval.zip):
+Each metric reproduces the script MoE-LLaVA runs (docs/moe_llava.md §5.2; LLaVA-1.5's eval.zip):
 
 | name       | official question file (under --data)            | metric, as computed by                                   |
 |------------|---------------------------------------------------|----------------------------------------------------------|

@@ -4,7 +4,7 @@ Top to bottom: tokenizers (tokenizer.model, vocab.json + merges.txt, tiktoken ra
 -> conversation templates -> label masking -> image preprocessing -> the LLaVA JSON dataset -> collate and
 the modality-grouped length sampler -> a built-in synthetic multi-domain dataset.
 
-It reproduces MoE-LLaVA's data pipeline (reference/moe_llava.md §3): family special tokens (§3.2),
+It reproduces MoE-LLaVA's data pipeline (docs/moe_llava.md §3; bare § numbers below cite it): family special tokens (§3.2),
 the plain / phi / qwen / stablelm / v1 templates (§3.3), "<image>" -> IMAGE_TOKEN_INDEX (§3.4), the
 supervised spans of preprocess_plain / preprocess_phi / preprocess_v1 (§3.5), expand2square + the
 CLIP / SigLIP processors (§3.6), the collator and LengthGroupedSampler (§3.7), the JSON format (§3.8).

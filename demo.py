@@ -12,7 +12,7 @@ demo.py: the whole method, end to end, on a laptop CPU in minutes.
              from random weights here (the papers train only the projector on top of pretrained ones).
 3. stage II  instruction tuning on the seven domains; the LLM, projector and tower train.
 4. stage III MoE-LLaVA upcycling (4 experts, top-2, every other layer) with STGC's Conflict Elimination
-             Loss; experts, routers and projector train (reference §1.9), the tower is frozen from here on.
+             Loss; experts, routers and projector train (docs/moe_llava.md §1.9), the tower is frozen from here on.
 5. eval      eval.py's real runner and metric code on the synthetic GQA / ScienceQA / TextVQA / POPE files,
              for the stage-II (dense) and stage-III (MoE + STGC) checkpoints; expert loading per benchmark.
 

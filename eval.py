@@ -7,9 +7,11 @@ the token-gradient conflicts of a checkpoint trained with STGC).
     python eval.py --checkpoint ckpt/MoE-LLaVA-StableLM-1.6B-4e --vision-tower ckpt/clip-vit-large-patch14-336 \\
                    --benchmark gqa,pope,textvqa --data playground/data/eval --batch-size 32
     torchrun --nproc_per_node=8 eval.py --checkpoint ... --benchmark vqav2      # contiguous shards, rank 0 merges
+    python eval.py --checkpoint out/demo/stage3 --image scene.png --question "What colour is the circle?"
+                                                 # one question, the greedy answer printed (also HF LLaVA dirs)
 
 What each benchmark reads, writes and computes, and which official script each metric reproduces, is in
-benchmarks.py (reference/moe_llava.md §5). This file is the runner:
+benchmarks.py (docs/moe_llava.md §5; bare § numbers in this file cite it). This file is the runner:
   1. config      EvalConfig; our checkpoints (config.json "format": "moe-vlm" with a "data" dict) or HF LLaVA /
                  MoE-LLaVA dirs (template and preprocessing from their config, the tower from --vision-tower)
   2. prompts     template.render([user turn]) -> "... USER: <image>\\n{question} ASSISTANT:" (§5.1); images
@@ -51,14 +53,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from benchmarks import BENCHMARKS, DataFileError, read_json, record_key
+from benchmarks import BENCHMARKS, DataFileError, Question, read_json, record_key
 from data import (IMAGE_PLACEHOLDER, TEMPLATES, DataConfig, LlavaJsonDataset, Tokenizer, check_template, collate, load_image, process_image)
-from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaModel
-from moe import LoRAExperts, MoELayer, check_choice
+from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaModel, latest_checkpoint, setup_distributed
+from moe import check_choice, is_routed
 from stgc import STGCConfig, find_conflicts
 from routing import (layer_stats, layer_sums, pathway_counts, purity_nmi, router_entropy, sums_of, sums_width,
                      top_pathways)
-from train import latest_checkpoint
 
 # -----------------------------------------------------------------------------
 # 1. Config and model
@@ -90,10 +91,17 @@ class EvalConfig:
     # repetition penalty on the generated tokens (10.0 there; 1.0 = none)
     question_prefix: str = ""
     repetition_penalty: float = 1.0
+    # single-question mode (ask): one user turn, its greedy answer printed; no benchmark runs
+    image: str = ""                    # an image file ('' = a text-only question)
+    question: str = ""
 
     def __post_init__(self):
         if not self.checkpoint:
             raise ValueError("--checkpoint is required")
+        if self.image and not self.question:
+            raise ValueError("--image needs --question (single-question mode)")
+        if self.image and not os.path.isfile(self.image):
+            raise ValueError(f"--image {self.image}: no such file")
         check_choice("--dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         if self.repetition_penalty <= 0:
             raise ValueError(f"--repetition-penalty={self.repetition_penalty} must be > 0 (1.0: none)")
@@ -438,8 +446,7 @@ KINDS = ("image", "text", "answer")   # prompt image features, prompt text token
 
 def moe_layers(model):
     """(decoder layer index, module) of every routed MoE / MoLE layer."""
-    return [(i, b.mlp) for i, b in enumerate(model.lm.layers)
-            if isinstance(b.mlp, (MoELayer, LoRAExperts)) and b.mlp.router is not None]
+    return [(i, b.mlp) for i, b in enumerate(model.lm.layers) if is_routed(b.mlp)]
 
 
 def prompt_kinds(ids, num_features: int, labels=None) -> list[int]:
@@ -480,7 +487,7 @@ class ExpertLoading:
         self.paths = {k: Counter() for k in KINDS}
 
     def _hook(self, module, inputs, output):
-        if self.records is not None and isinstance(output, tuple):
+        if self.records is not None:                                   # a routed layer's output: (y, RoutingRecord)
             rec = output[1]
             self.records.append((rec.experts.detach(), rec.kept.detach(), rec.shape, router_entropy(rec.router_logits)))
 
@@ -615,14 +622,29 @@ def specialisation(analysis: dict) -> dict:
     return out
 
 
-def conflict_statistics(model, tok, data_cfg, cfg: EvalConfig, device) -> dict:
-    """Token-gradient conflicts (stgc.find_conflicts, paper defaults: bias gradients, tau = 0) of this
+def checkpoint_stgc_config(config: dict) -> STGCConfig:
+    """The STGC settings the checkpoint was trained with (config.json's train_config["stgc"]), which define its
+    conflicts: gradient source and tau (at the end of a scheduled run, where the checkpoint is). Checkpoints
+    without them (HF LLaVA / MoE-LLaVA dirs, runs without STGC keep theirs too) get the paper's defaults. The expert
+    mean is this process's ('rank'): rank 0 alone computes the statistics."""
+    saved = config.get("train_config", {}).get("stgc") or {}
+    known = {f.name for f in fields(STGCConfig)}
+    stgc = STGCConfig(**{k: v for k, v in saved.items() if k in known})
+    tau = stgc.threshold_final if stgc.threshold_schedule != "constant" else stgc.threshold
+    return replace(stgc, threshold=tau, threshold_schedule="constant", mean_scope="rank")
+
+
+def conflict_statistics(model, tok, data_cfg, cfg: EvalConfig, device, stgc_cfg: STGCConfig | None = None) -> dict:
+    """Token-gradient conflicts (stgc.find_conflicts with the checkpoint's own STGC settings: checkpoint_stgc_config;
+    the paper's defaults, bias gradients and tau = 0, where it has none) of this
     checkpoint on a labelled LLaVA JSON: the gradient of the LM loss at each MoE layer's output, then per
     layer the share of (token, expert) pairs whose gradient points against their expert's mean, overall,
     per expert and per token kind (with the kind's gradient consistency, its mean cos). Routing is the evaluation
     routing (eval capacity, no Gumbel), which is where a trained checkpoint's conflicts are of interest; training
     computes them under training routing. Also per layer routing.py's measures over the split's real tokens and,
     where its records carry a "domain" (the synthetic set does), expert-domain purity and NMI of first choices."""
+    if stgc_cfg is None:
+        stgc_cfg = checkpoint_stgc_config(read_json(os.path.join(cfg.checkpoint, "config.json")))
     folder = cfg.image_folder or synthetic_image_folder(cfg.conflicts) or os.path.dirname(os.path.abspath(cfg.conflicts))
     ds = LlavaJsonDataset(replace(data_cfg, data_path=cfg.conflicts, image_folder=folder), tok)
     layers = moe_layers(model)
@@ -670,7 +692,7 @@ def conflict_statistics(model, tok, data_cfg, cfg: EvalConfig, device) -> dict:
                     counts = domain_counts.setdefault(j, {}).setdefault(row, zeros(E))
                     counts += torch.bincount(first[m], minlength=E).double()
                 d = torch.zeros_like(r.output) if d is None else d
-                c = find_conflicts(r, d.reshape(-1, d.shape[-1]), STGCConfig())
+                c = find_conflicts(r, d.reshape(-1, d.shape[-1]), stgc_cfg)
                 pair, conflict = c.pair.cpu().double(), c.conflict.cpu().double()
                 expert, kind = c.expert.cpu(), kinds.reshape(-1)[c.token.cpu()]
                 pairs[j].index_add_(0, expert, pair)
@@ -698,23 +720,13 @@ def conflict_statistics(model, tok, data_cfg, cfg: EvalConfig, device) -> dict:
             rows = domain_counts.get(j, {})
             out_layers[-1]["domain"] = purity_nmi([rows.get(r, zeros(E)).tolist() for r in range(len(domains))])
     # definition: the LM-loss gradient at each MoE layer's output, as stgc.py's reference (not the fast path's)
-    return {"split": cfg.conflicts, "samples": used, "grad_source": "bias", "threshold": 0.0, "definition": "lm_loss",
+    return {"split": cfg.conflicts, "samples": used, "grad_source": stgc_cfg.grad_source, "threshold": stgc_cfg.threshold,
+            "definition": "lm_loss",
             "layers": out_layers, "domains": list(domains),
             "skipped": ds.report() if ds.stats.skipped else ""}
 
 # -----------------------------------------------------------------------------
 # 5. The run
-
-
-def setup_distributed():
-    """(rank, world) from torchrun's environment (process group joined); (0, 1) otherwise."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available()
-    if world > 1 and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return rank, world
 
 
 def barrier():
@@ -725,12 +737,11 @@ def barrier():
 def run(cfg: EvalConfig, rank: int | None = None, world: int | None = None) -> dict:
     """Evaluate; returns {benchmark: metrics} (on rank 0; {} on other ranks). rank/world default to
     torchrun's; tests pass them to play the ranks of a sharded run one after another."""
+    device = torch.device(cfg.device) if cfg.device != "auto" else None
     if rank is None:
-        rank, world = setup_distributed()
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
+        rank, world, auto = setup_distributed()                      # model.py: torchrun's ranks, as train.py's
+        device = device or auto
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = selected(cfg)
     loaded = {n: load_benchmark(cfg, n) for n in names}                 # all files checked before generating
     model, tok, data_cfg, template = load_model(cfg, device)
@@ -832,6 +843,8 @@ def parse_args(argv=None) -> EvalConfig:
     for name in ("vision_tower", "out", "model_id", "image_folder", "template", "tokenizer", "device", "dtype",
                  "conflicts", "question_prefix"):
         p.add_argument("--" + name.replace("_", "-"), default=d[name].default)
+    p.add_argument("--image", default="", metavar="FILE", help="single-question mode: the image (with --question)")
+    p.add_argument("--question", default="", help="single-question mode: print the greedy answer, run no benchmark")
     p.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"].default)
     for name in ("batch_size", "max_samples", "max_new_tokens", "workers", "conflict_samples"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=d[name].default)
@@ -855,8 +868,26 @@ def parse_args(argv=None) -> EvalConfig:
         p.error(str(e))
 
 
+def ask(cfg: EvalConfig, device=None) -> str:
+    """Single-question mode, one turn of MoE-LLaVA's serve/cli.py: cfg.question (after an <image> when cfg.image is
+    given) in the checkpoint's template, the image preprocessed as its training did, greedy decoding (the CLI
+    samples at temperature 0.2; greedy is reproducible) up to --max-new-tokens (0: 512, the CLI's default)."""
+    device = device or torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    model, tok, data_cfg, template = load_model(cfg, device)
+    user = (IMAGE_PLACEHOLDER + "\n" if cfg.image else "") + cfg.question
+    q = Question(question_id=0, prompt=cfg.question, user=user, image=cfg.image or None)
+    _, ids, image = PromptSet([q], tok, template, data_cfg, cfg.question_prefix)[0]
+    new = model.generate([ids], image[None] if image is not None else None, max_new_tokens=cfg.max_new_tokens or 512,
+                         eos_token_id=stop_ids(tok, template), repetition_penalty=cfg.repetition_penalty)[0]
+    text = tok.decode(new).strip()                                     # as generate_answers decodes
+    return text.removesuffix(template.sep2).strip() if template.sep2 else text
+
+
 def main(argv=None):
     cfg = parse_args(argv)
+    if cfg.question:
+        print(ask(cfg))
+        return
     try:
         run(cfg)
     except (DataFileError, FileNotFoundError) as e:

@@ -20,8 +20,10 @@ What is here, top to bottom:
   7. loading        HF checkpoint dirs (safetensors, sharded, or pytorch_model.bin read with
                     weights_only=True) through one strict key map per family.
   8. LLaVA-MoLE     its released checkpoint format (load_mole_release, docs/llava_mole.md §5).
+  9. run dirs and processes   latest_checkpoint (a train.py run dir -> its latest step), setup_distributed
+                    (torchrun's ranks): what train.py and eval.py share.
 
-The semantics follow ../shared/reference/moe_llava.md §1-2 (MoE-LLaVA at 6cb5f66, transformers 4.37);
+The semantics follow docs/moe_llava.md §1-3 (MoE-LLaVA at 6cb5f66, transformers 4.37);
 MoE layers (moe.py) replace the dense MLPs in Step 2 and report routing through `out.routing`.
 
 Shapes: B batch, T tokens, S cached keys, D model width, H / Hkv query / key-value heads,
@@ -35,10 +37,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.distributed
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from moe import MoEConfig, apply_attention_lora, check_choice, is_moe_trainable, make_moe_mlp, mole_balance_loss, routers_to_fp32
+from moe import (MoEConfig, apply_attention_lora, check_choice, is_moe_trainable, is_routed, make_moe_mlp, mole_balance_loss,
+                 routers_to_fp32)
 
 IGNORE_INDEX = -100        # label value the loss ignores (MoE-LLaVA constants.py)
 IMAGE_TOKEN_INDEX = -200   # input id standing for one image's features (MoE-LLaVA constants.py)
@@ -195,7 +199,7 @@ class LMConfig:
                        partial_rotary_factor=partial or g("partial_rotary_factor", g("rope_pct", 0.25)),
                        rope_scaling=scaling)
         if base.startswith("phi"):
-            # MoE-LLaVA builds Phi's lm_head with bias=False and drops the pretrained bias (reference §1.3).
+            # MoE-LLaVA builds Phi's lm_head with bias=False and drops the pretrained bias (docs/moe_llava.md §1.3).
             return cls(family="phi", **common, intermediate_size=g("intermediate_size"),
                        num_kv_heads=g("num_key_value_heads") or 0, norm="layernorm",
                        norm_eps=g("layer_norm_eps", 1e-5), mlp="gelu", act=g("hidden_act", "gelu_new"),
@@ -463,8 +467,7 @@ class Block(nn.Module):
         else:
             x = x + self.attn(h, cos, sin, mask, kv_cache, layer_idx)
             h = self.mlp_norm(x)
-        y = self.mlp(h)
-        y, record = y if isinstance(y, tuple) else (y, None)          # MoE layers also return their routing
+        y, record = self.mlp(h) if is_routed(self.mlp) else (self.mlp(h), None)   # routed: (y, RoutingRecord)
         return (x + a + y if self.parallel else x + y), record
 
 
@@ -531,13 +534,22 @@ class LanguageModel(nn.Module):
 
     def install_moe(self, moe_cfg: MoEConfig):
         """Turn the dense MLPs of the chosen layers into MoE (experts = exact copies of the dense FFN:
-        MoE-LLaVA's upcycling, reference §1.8) or MoLE layers; stage III calls this on a dense model."""
+        MoE-LLaVA's upcycling, docs/moe_llava.md §1.8) or MoLE layers; stage III calls this on a dense model."""
         self.cfg.moe = moe_cfg
         for i in moe_cfg.layer_indices(len(self.layers)):
             self.layers[i].mlp = make_moe_mlp(moe_cfg, self.layers[i].mlp)
         if moe_cfg.kind == "lora" and moe_cfg.attn_lora_rank:
             apply_attention_lora(self.layers, moe_cfg)
         return self.train(self.training)          # new modules start in training mode: follow the model's
+
+    def set_moe(self, moe_cfg: MoEConfig):
+        """New runtime settings (capacities, coefficients, impl, second expert) for the MoE layers this model
+        already has; their structure must be moe_cfg's (train.resolve_moe checks it)."""
+        self.cfg.moe = moe_cfg
+        for block in self.layers:
+            if is_routed(block.mlp):
+                block.mlp.configure(moe_cfg)
+        return self
 
     def tie_weights(self):
         if self.cfg.tie_embeddings:
@@ -718,12 +730,12 @@ class LlavaModel(nn.Module):
         embeds, labs = self.splice(ids_list, feats, labels_list)
         if feats is None and torch.is_grad_enabled() and any(p.requires_grad for p in self.projector.parameters()):
             # A text-only batch still runs the projector on zero features, so a trainable projector gets a
-            # (zero) gradient and DDP sees every parameter used (MoE-LLaVA's feat[0:0] trick, reference §1.10).
+            # (zero) gradient and DDP sees every parameter used (MoE-LLaVA's feat[0:0] trick, docs/moe_llava.md §1.10).
             empty = self.projector(self.projector[0].weight.new_zeros(0, self.cfg.vision.hidden_size)).sum()
             if self.projector.start_token is not None:                 # MoLE's start / end tokens likewise
                 empty = empty + 0 * (self.projector.start_token.sum() + self.projector.end_token.sum())
             embeds[0] = embeds[0] + empty
-        # Re-pad on the right; positions restart at 0 per sample (MoE-LLaVA llava_arch.py, reference §1.10).
+        # Re-pad on the right; positions restart at 0 per sample (MoE-LLaVA llava_arch.py, docs/moe_llava.md §1.10).
         embeds, mask = pad_sequences(embeds, side="right")             # [B, T', D], [B, T']
         labs, _ = pad_sequences(labs, side="right", value=IGNORE_INDEX)
         return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labs if labels is not None else None)
@@ -790,12 +802,34 @@ class LlavaModel(nn.Module):
         with torch.device("meta"):
             model = cls(LlavaConfig(**config["llava"]))
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
+        moe = model.cfg.lm.moe
+        if moe is not None and moe.kind == "lora" and moe.num_experts == 1:
+            sd = plain_lora_v1(sd)
         model.load_state_dict(_with_tied(model, sd), strict=True, assign=True)   # errors name any bad key
         model.lm.tie_weights()
         return routers_to_fp32(model).eval()
 
 
 OUR_FORMAT = "moe-vlm"
+
+# Plain LoRA (train.stage 'lora') was saved before issue 17 as a one-expert LoRAExperts: the dense MLP under `base`,
+# each projection's adapter as [1, ...] stacks. Now each projection is a LoRALinear. One strict key map reads the old
+# layout (any other key passes unchanged, and load_state_dict(strict=True) names whatever is left over).
+PLAIN_LORA_V1 = {r"lm\.layers\.(\d+)\.mlp\.base\.(\w+)\.(weight|bias)": r"lm.layers.\1.mlp.\2.base.\3",
+                 r"lm\.layers\.(\d+)\.mlp\.lora_([AB])\.(\w+)": r"lm.layers.\1.mlp.\3.lora_\2"}
+
+
+def plain_lora_v1(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        old = next((pattern for pattern in PLAIN_LORA_V1 if re.fullmatch(pattern, k)), None)
+        if old is None:
+            out[k] = v
+            continue
+        if ".lora_" in k and (v.dim() != 3 or v.shape[0] != 1):
+            raise ValueError(f"{k}: shape {tuple(v.shape)} is not one expert's [1, ...] stack of plain LoRA")
+        out[re.sub(old, PLAIN_LORA_V1[old], k)] = v[0] if ".lora_" in k else v
+    return out
 
 # -----------------------------------------------------------------------------
 # 6. Initialisation (models trained from scratch, e.g. the demo; loading overwrites all of it)
@@ -844,7 +878,7 @@ def lm_key_map(cfg: LMConfig) -> dict:
 
 
 def with_moe_keys(m: dict) -> dict:
-    """Add MoE-LLaVA's DeepSpeed MoE names (reference §2.2) for every dense MLP entry:
+    """Add MoE-LLaVA's DeepSpeed MoE names (docs/moe_llava.md §2.2) for every dense MLP entry:
     '...mlp.deepspeed_moe.gate.wg.weight' is the router, '...mlp.deepspeed_moe.experts.deepspeed_experts.{k}.P'
     is slot k of our stacked expert tensor '...mlp.experts.P' (written 'name[{}]')."""
     out = dict(m)
@@ -894,7 +928,7 @@ def lm_ignored(cfg: LMConfig):
 
 
 LLAVA_IGNORED = [r".*\.(image|vision)_tower\.(image|vision)_tower\..*"]   # MoE-LLaVA / LLaVA save the tower; it
-                                                                          # loads from its own dir (reference §2.1)
+                                                                          # loads from its own dir (docs/moe_llava.md §2.1)
 VISION_IGNORED = [r"text_model\..*", r"(text|visual)_projection\..*", r"logit_(scale|bias)",  # full CLIP/SigLIP
                   r"embeddings\.position_ids", r"post_layernorm\..*",  # features come before post-LN
                   r"head\..*"]                                         # SigLIP pooling head: unused
@@ -995,7 +1029,7 @@ def convert_state_dict(hf_sd: dict, key_map: dict, ignored: list, expected: dict
 def to_hf_state_dict(model) -> dict:
     """Our LanguageModel / LlavaModel weights under HF / MoE-LLaVA names: the key maps inverted, experts
     unstacked into deepspeed_experts.{k}, Qwen-1's q/k/v fused back into c_attn. The vision tower is left
-    out: MoE-LLaVA loads it from its own dir (reference §2.1). MoLE / LoRA weights have no HF layout."""
+    out: MoE-LLaVA loads it from its own dir (docs/moe_llava.md §2.1). MoLE / LoRA weights have no HF layout."""
     lm = model if isinstance(model, LanguageModel) else model.lm
     if isinstance(model, LanguageModel):
         key_map = lm_key_map(lm.cfg)
@@ -1170,3 +1204,39 @@ if __name__ == "__main__":
           f"{cfg.vision.num_features} image tokens per image; loss {out.loss.item():.3f} over {int(out.num_tokens)} tokens")
     gen = model.eval().generate([[1, IMAGE_TOKEN_INDEX, 5], [3, 4]], torch.randn(1, 3, 32, 32), max_new_tokens=5)
     print("greedy tokens:", gen)
+
+# -----------------------------------------------------------------------------
+# 9. Run dirs and processes: what train.py and eval.py share
+
+
+def latest_checkpoint(path):
+    """A step_* dir as given, or the one a run dir's (or its 'latest' file's) pointer names (train.py writes it)."""
+    if os.path.basename(path) == "latest" and os.path.isfile(path):
+        path = os.path.dirname(path)
+    if os.path.isfile(os.path.join(path, "latest")):
+        with open(os.path.join(path, "latest")) as f:
+            path = os.path.join(path, f.read().strip())
+    return path
+
+
+def saved_moe_config(path) -> tuple:
+    """(MoEConfig or None, number of decoder layers) of the checkpoint dir `path` (ours, an HF LLM, a LLaVA or
+    MoE-LLaVA dir), read from its config.json alone: which MoE layers loading it will build."""
+    cfg = _read_config(path)
+    lm = LlavaConfig(**cfg["llava"]).lm if cfg.get("format") == OUR_FORMAT else LMConfig.from_hf(cfg)
+    return lm.moe, lm.num_layers
+
+
+def setup_distributed():
+    """(rank, world, device) from torchrun's environment, the process group joined once (NCCL on CUDA, else
+    gloo); (0, 1, cuda or cpu) in a plain process. A one-process torchrun joins no group."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    if "LOCAL_RANK" not in os.environ:
+        return rank, world, torch.device("cuda" if cuda else "cpu")
+    local = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")

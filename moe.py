@@ -1,19 +1,21 @@
 """
 moe.py: the Mixture-of-Experts layers of MoE-LLaVA and LLaVA-MoLE, and what they record for STGC.
 
-  MoELayer      MoE-LLaVA's sparse FFN experts (DeepSpeed v0.9.5 TopKGate semantics, reference/moe_llava.md
+  MoELayer      MoE-LLaVA's sparse FFN experts (DeepSpeed v0.9.5 TopKGate semantics, docs/moe_llava.md
                 §1.6): fp32 bias-free router, softmax, top-k, capacity C = ceil(S/E * cf * k) over all S tokens,
                 first choices queued before second choices, positional dropping, renormalised top-2 weights,
                 aux loss E * sum_e mean_prob_e * frac_top1_e. Experts are upcycled: exact copies of the
                 dense FFN (§1.8). Dispatch paths that must agree: a per-expert loop (the reference), and two
                 fast ones, a grouped matmul over the assignments sorted by expert and a capacity-padded bmm;
                 `dispatch_path` is the one rule that chooses between them for a device and dtype.
-  LoRAExperts   LLaVA-MoLE: the dense MLP frozen, E LoRA experts on its projections, one router per layer
+  LoRAExperts   LLaVA-MoLE: the dense MLP frozen, E >= 2 LoRA experts on its projections, one router per layer
                 shared by the projections; a soft mixture of all experts or the top-1 expert, as its released
-                code has both (docs/llava_mole.md). num_experts=1 is the plain-LoRA baseline (no router).
-                mole_balance_loss: the released balance loss (layers pooled, per sample).
-  LoRALinear    plain LoRA on a frozen Linear (MoLE's attention LoRA on q/k/v/o, as released).
-  RoutingRecord what one MoE layer decided for one forward pass; read by stgc.py, eval.py and train.py.
+                code has both (docs/llava_mole.md). mole_balance_loss: the released balance loss (layers pooled,
+                per sample).
+  LoRALinear    plain LoRA on a frozen Linear: MoLE's attention LoRA on q/k/v/o (as released), and the plain-LoRA
+                baseline on the MLP projections (MoEConfig kind='lora', num_experts=1: lora_mlp, no router).
+  RoutingRecord what one MoE layer decided for one forward pass; read by stgc.py, eval.py and train.py. Every
+                routed layer (is_routed: MoELayer, LoRAExperts) returns (y, RoutingRecord); nothing else does.
   Router objectives beside the aux loss (docs/routing.md): z_loss (ST-MoE), sequence_aux_loss (per sample), and
                 aux-loss-free balancing, the expert_bias buffer route() chooses with and update_expert_bias moves.
 
@@ -51,7 +53,7 @@ class MoEConfig:
     eval_capacity_factor: float = 2.0  # with E=4, k=2 this is C = S: nothing is dropped at evaluation
     min_capacity: int = 0              # MoE-LLaVA passes 0 (DeepSpeed's own default is 4)
     dropless: bool = False             # True: no capacity limit at all (C = S)
-    aux_loss_coef: float = 0.01        # alpha; train.py applies it to the sum over layers (reference §1.7)
+    aux_loss_coef: float = 0.01        # alpha; train.py applies it to the sum over layers (docs/moe_llava.md §1.7)
     layers: object = "sparse"          # 'sparse' (0, 2, 4, ...) | 'first_half' | 'second_half' | 'dense' | [i, ...]
     kind: str = "ffn"                  # 'ffn' (MoE-LLaVA experts) | 'lora' (LLaVA-MoLE LoRA experts)
     # DeepSpeed v0.9.5 samples the second expert with Gumbel noise, in eval too (MoE-LLaVA issue #60). We take
@@ -121,7 +123,7 @@ class MoEConfig:
             raise ValueError(f"moe.{mole[0]}={getattr(self, mole[0])!r} is a LLaVA-MoLE option: it needs moe.kind='lora'")
 
     def layer_indices(self, num_layers: int) -> list:
-        """Which decoder layers get an MoE (reference §1.4; MoE-LLaVA's moe_mode)."""
+        """Which decoder layers get an MoE (docs/moe_llava.md §1.4; MoE-LLaVA's moe_mode)."""
         if isinstance(self.layers, (list, tuple)):
             if not all(i < num_layers for i in self.layers):
                 raise ValueError(f"moe.layers={list(self.layers)} out of range for {num_layers} layers (0..{num_layers - 1})")
@@ -132,7 +134,7 @@ class MoEConfig:
 
     @classmethod
     def from_moe_llava(cls, moe: dict, num_layers: int):
-        """The `moe` dict of a MoE-LLaVA config.json (reference §1.5, §2.3)."""
+        """The `moe` dict of a MoE-LLaVA config.json (docs/moe_llava.md §1.5, §2.3)."""
         if moe.get("use_residual"):
             raise ValueError("MoE-LLaVA use_residual=True (residual MoE) is not supported")
         n = moe["num_experts"]
@@ -143,6 +145,15 @@ class MoEConfig:
                    eval_capacity_factor=moe.get("eval_capacity_factor", 1.0), min_capacity=moe.get("min_capacity", 0),
                    aux_loss_coef=moe.get("router_aux_loss_coef", 0.01),
                    layers=list(moe.get("moe_layers_idx") or range(0, num_layers, 2)))
+
+
+# What a config may change on MoE layers that already exist (a checkpoint's; train.resolve_moe): the runtime knobs,
+# read at each forward or step, and the structure, which the weights were built and trained with. Every field of
+# MoEConfig is in exactly one (tests/test_config.py).
+RUNTIME_FIELDS = ("capacity_factor", "eval_capacity_factor", "min_capacity", "dropless", "aux_loss_coef", "z_loss_coef",
+                  "seq_aux_loss_coef", "expert_bias_rate", "impl", "second_expert", "gumbel_at_eval")
+STRUCTURAL_FIELDS = ("kind", "num_experts", "layers", "top_k", "expert_bias", "lora_rank", "lora_alpha", "lora_dropout",
+                     "attn_lora_rank", "mole_router_bias", "mole_mixture", "mole_top1_gate", "mole_balance")
 
 
 @dataclass
@@ -216,7 +227,7 @@ def route(logits_SE, cfg: MoEConfig, training: bool, generator=None, bias_E=None
     pos_KSE = onehot_KSE.cumsum(dim=1) - 1 + before_KE[:, None, :]
     pos_SK = (pos_KSE * onehot_KSE).sum(dim=-1).T                      # [S, K]
     kept_SK = pos_SK < capacity(S, cfg, training)                      # positional dropping, first come first served
-    # Aux loss on first choices before dropping; only mean_prob carries gradient (reference §1.6 step 7).
+    # Aux loss on first choices before dropping; only mean_prob carries gradient (docs/moe_llava.md §1.6 step 7).
     counts_E = onehot_KSE[0].sum(dim=0)
     aux = E * (probs_SE.mean(dim=0) * counts_E.float() / S).sum()
     # Combine weights: chosen probabilities, zeroed where dropped, renormalised over the survivors (k >= 2;
@@ -284,7 +295,7 @@ def update_expert_bias(module, load_E):
 
 
 def router_logits(router: nn.Linear, x_SD):
-    """fp32 router, autocast off: DeepSpeed casts both input and wg to float32 (reference §1.6 step 1). The module
+    """fp32 router, autocast off: DeepSpeed casts both input and wg to float32 (docs/moe_llava.md §1.6 step 1). The module
     itself is called (not its .weight), so FSDP2, which shards the router as its own fp32 unit (train.apply_fsdp),
     gathers it; its weight is fp32 by construction (routers_to_fp32)."""
     with torch.autocast(device_type=x_SD.device.type, enabled=False):
@@ -350,11 +361,11 @@ class MoELayer(nn.Module):
 
     def __init__(self, cfg: MoEConfig, dense: nn.Module):
         super().__init__()
-        self.cfg = cfg
+        self.configure(cfg)
         self.kind = "swiglu" if hasattr(dense, "gate_proj") else "gelu"
         self.act = dense.act
         D = dense.down_proj.out_features if self.kind == "swiglu" else dense.fc2.out_features
-        # fresh router, nn.Linear's default init (kaiming-uniform a=sqrt(5)), fp32, no bias (reference §1.8)
+        # fresh router, nn.Linear's default init (kaiming-uniform a=sqrt(5)), fp32, no bias (docs/moe_llava.md §1.8)
         self.router = nn.Linear(D, cfg.num_experts, bias=False, dtype=torch.float32, device=dense_device(dense))
         self.register_buffer("expert_bias", expert_bias_buffer(cfg, dense_device(dense)))   # [E] or None
         self.experts = nn.Module()
@@ -374,7 +385,12 @@ class MoELayer(nn.Module):
         else:
             out_SKD = self.experts_padded(x_SD, experts_SK, kept_SK)   # kept assignments; dropped ones are 0
         y = (out_SKD * w_SK.to(out_SKD.dtype)[..., None]).sum(dim=1).view(B, T, D)   # dropped: weight 0
-        return y, RoutingRecord(logits_SE, experts_SK, w_SK, kept_SK, aux, counts_E, (B, T), x_SD, y, self)
+        return y, RoutingRecord(router_logits=logits_SE, experts=experts_SK, weights=w_SK, kept=kept_SK, aux_loss=aux,
+                                expert_counts=counts_E, shape=(B, T), inputs=x_SD, output=y, module=self)
+
+    def configure(self, cfg: MoEConfig):
+        """The settings this layer routes with (its structure is fixed at construction: LanguageModel.set_moe)."""
+        self.cfg = cfg
 
     def compute_dtype(self, x_SD):
         return compute_dtype(x_SD, self.experts.fc1.weight if self.kind == "gelu" else self.experts.gate_proj.weight)
@@ -501,19 +517,20 @@ class LoRAExperts(nn.Module):
         top1, one                c = onehot(argmax p) (released sparse mode: the LM loss gives the router no gradient)
         top1, straight_through   c = onehot - p.detach() + p: the value of 'one', the gradient of 'soft'
         top1, prob               c = onehot * p (ours before the release: the router learns through p_e)
-    At init (B = 0) the layer equals the dense MLP. num_experts = 1: plain LoRA, no router, c = 1.
+    At init (B = 0) the layer equals the dense MLP.
     Ours: one dropout mask serves every expert (the released code has one dropout per expert: the same
     distribution per expert, a different joint one; no difference at evaluation)."""
 
     def __init__(self, cfg: MoEConfig, dense: nn.Module):
         super().__init__()
-        self.cfg = replace(cfg, dropless=True)   # LoRA experts are cheap: no capacity, no dropped tokens
+        if cfg.num_experts < 2:
+            raise ValueError("LoRAExperts needs >= 2 experts; one expert is plain LoRA (lora_mlp)")
+        self.configure(cfg)
         self.base = dense.requires_grad_(False)
         self.kind = "swiglu" if hasattr(dense, "gate_proj") else "gelu"
         E, r, dev = cfg.num_experts, cfg.lora_rank, dense_device(dense)
         D = dense.down_proj.out_features if self.kind == "swiglu" else dense.fc2.out_features
-        self.router = (nn.Linear(D, E, bias=cfg.mole_router_bias, dtype=torch.float32, device=dev)   # default init
-                       if E > 1 else None)
+        self.router = nn.Linear(D, E, bias=cfg.mole_router_bias, dtype=torch.float32, device=dev)   # default init
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         for name in FFN_PROJECTIONS[self.kind]:
             lin = getattr(dense, name)
@@ -522,6 +539,9 @@ class LoRAExperts(nn.Module):
             for e in range(E):
                 nn.init.kaiming_uniform_(self.lora_A[name][e], a=math.sqrt(5))
         self.scale, self.dropout = cfg.lora_alpha / r, nn.Dropout(cfg.lora_dropout)
+
+    def configure(self, cfg: MoEConfig):
+        self.cfg = replace(cfg, dropless=True)   # LoRA experts are cheap: no capacity, no dropped tokens
 
     def coefficients(self, probs_SE, expert_S):
         """c [S, E] of the docstring, and the chosen expert's own coefficient [S, 1] (the record's weight)."""
@@ -539,20 +559,15 @@ class LoRAExperts(nn.Module):
     def forward(self, x):                                              # [B, T, D]
         B, T, D = x.shape
         x_SD = x.reshape(-1, D)
-        if self.router is None:
-            c_SE, record = x_SD.new_ones(x_SD.shape[0], 1), None
-        else:
-            # Top-1 without capacity needs none of route()'s queueing: argmax of the fp32 probabilities (as route()
-            # and the release take it), and route()'s Switch-style aux loss of the first choices.
-            S, E = x_SD.shape[0], self.cfg.num_experts
-            logits_SE = router_logits(self.router, x_SD)
-            probs_SE = logits_SE.softmax(dim=-1)
-            expert_S = probs_SE.detach().argmax(dim=-1)               # [S]
-            counts_E = F.one_hot(expert_S, E).sum(dim=0)              # no host sync (bincount would)
-            aux = E * (probs_SE.mean(dim=0) * counts_E.float() / S).sum()
-            c_SE, w_SK = self.coefficients(probs_SE, expert_S)
-            record = RoutingRecord(logits_SE, expert_S[:, None], w_SK, torch.ones_like(w_SK, dtype=torch.bool), aux,
-                                   counts_E, (B, T))                  # completed below
+        # Top-1 without capacity needs none of route()'s queueing: argmax of the fp32 probabilities (as route()
+        # and the release take it), and route()'s Switch-style aux loss of the first choices.
+        S, E = x_SD.shape[0], self.cfg.num_experts
+        logits_SE = router_logits(self.router, x_SD)
+        probs_SE = logits_SE.softmax(dim=-1)
+        expert_S = probs_SE.detach().argmax(dim=-1)                   # [S]
+        counts_E = F.one_hot(expert_S, E).sum(dim=0)                  # no host sync (bincount would)
+        aux = E * (probs_SE.mean(dim=0) * counts_E.float() / S).sum()
+        c_SE, w_SK = self.coefficients(probs_SE, expert_S)            # [S, E], [S, 1]
 
         def linear(name, h):                                           # h [S, in]
             # Every expert's rank-r code times its coefficient, then all experts' B side by side as one [out, E*r]
@@ -566,10 +581,9 @@ class LoRAExperts(nn.Module):
             return getattr(self.base, name)(h) + self.scale * delta
 
         y = ffn_forward(self.kind, self.base.act, x_SD, linear).view(B, T, D)
-        if record is None:
-            return y
-        record.inputs, record.output, record.module = x_SD, y, self
-        return y, record
+        return y, RoutingRecord(router_logits=logits_SE, experts=expert_S[:, None], weights=w_SK,
+                                kept=torch.ones_like(w_SK, dtype=torch.bool), aux_loss=aux, expert_counts=counts_E,
+                                shape=(B, T), inputs=x_SD, output=y, module=self)
 
     # One expert as a pure function of its LoRA parameters (torch.func, STGC): the frozen MLP plus expert e's
     # deltas times `gate`, the record's weight (its coefficient; inside the expert: gate_inside = True). No dropout.
@@ -583,7 +597,7 @@ class LoRAExperts(nn.Module):
                 for name in FFN_PROJECTIONS[self.kind] for ab in ("A", "B")}
 
     def expert_apply(self, params, x, gate, linear=F.linear):        # x [N, D], gate [N]
-        soft = self.cfg.mole_mixture == "soft" and self.router is not None
+        soft = self.cfg.mole_mixture == "soft"
         if soft:                                                       # the other experts' coefficients [N, E]
             E = self.cfg.num_experts
             probs_NE = router_logits(self.router, x).softmax(dim=-1).detach()
@@ -619,8 +633,23 @@ def mole_balance_loss(routing) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # Building: replace the dense MLPs of a LanguageModel (model.py calls this; so does stage-III upcycling)
 
+def is_routed(module) -> bool:
+    """A layer with a router, whose forward returns (y, RoutingRecord) (model.Block, eval, train.apply_fsdp)."""
+    return isinstance(module, (MoELayer, LoRAExperts))
+
+
 def make_moe_mlp(cfg: MoEConfig, dense: nn.Module) -> nn.Module:
-    return MoELayer(cfg, dense) if cfg.kind == "ffn" else LoRAExperts(cfg, dense)
+    if cfg.kind == "ffn":
+        return MoELayer(cfg, dense)
+    return LoRAExperts(cfg, dense) if cfg.num_experts > 1 else lora_mlp(cfg, dense)
+
+
+def lora_mlp(cfg: MoEConfig, dense: nn.Module) -> nn.Module:
+    """Plain LoRA (the MoLE paper's baseline, train.stage 'lora'): the dense MLP itself, each projection wrapped
+    in a LoRALinear of [moe]'s rank, alpha and dropout. No router, no routing record: it is not a routed layer."""
+    for name in FFN_PROJECTIONS["swiglu" if hasattr(dense, "gate_proj") else "gelu"]:
+        setattr(dense, name, LoRALinear(getattr(dense, name), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
+    return dense
 
 
 def apply_attention_lora(blocks, cfg: MoEConfig):
@@ -634,9 +663,9 @@ def apply_attention_lora(blocks, cfg: MoEConfig):
 
 def routers_to_fp32(module):
     """Routers (and the aux-loss-free expert bias) stay fp32 whatever dtype the model is loaded or cast in
-    (reference §1.6 step 1)."""
+    (docs/moe_llava.md §1.6 step 1)."""
     for m in module.modules():
-        if isinstance(m, (MoELayer, LoRAExperts)) and m.router is not None:
+        if is_routed(m):
             m.router.float()
         if getattr(m, "expert_bias", None) is not None:
             m.expert_bias = m.expert_bias.float()
@@ -644,7 +673,7 @@ def routers_to_fp32(module):
 
 
 def is_moe_trainable(name: str, kind: str) -> bool:
-    """Stage III trainables of the LLM (reference §1.9). 'ffn' (MoE-LLaVA): every FFN, the dense ones of
+    """Stage III trainables of the LLM (docs/moe_llava.md §1.9). 'ffn' (MoE-LLaVA): every FFN, the dense ones of
     the non-MoE layers too, and the routers (the projector is the caller's). 'lora' (MoLE): adapters + routers."""
     if kind == "ffn":
         return ".mlp." in name

@@ -1,7 +1,7 @@
 """
 stgc.py: Solving Token Gradient Conflict (STGC, Yang et al., ICLR 2025, arXiv 2406.19905).
 
-Definitions (reference/stgc_paper.md §1-2; equation numbers of the paper where they are known):
+Definitions (docs/stgc.md §1-2; equation numbers of the paper where they are known):
   For every MoE layer and every (token n, chosen expert e) pair that survived capacity, padding excluded:
     g_{n,e}  the gradient of the LM loss with respect to expert e's parameters through token n, i.e. the
              contribution of token n's pass through e (paper §3.2: g_n = grad_{theta_e} L_n). Two sources:
@@ -67,7 +67,7 @@ class STGCConfig:
     impl: str = "fast"                 # 'fast' (one backward, hooks) | 'reference' (two passes, torch.func)
     mean_scope: str = "rank"           # 'rank': expert mean over this rank's micro-batch | 'global': all-reduced
     layer_reduction: str = "sum"       # 'sum' | 'mean' over MoE layers
-    # The CEL's normaliser, its sum over conflicting pairs divided by (the paper's is unknown, reference §2):
+    # The CEL's normaliser, its sum over conflicting pairs divided by (the paper's is unknown, docs/stgc.md §2):
     #   'conflicts'  the number of conflicting pairs (a mean over them: our reading of Eq. 8)
     #   'gar'        E * max(1, N_conflicts) (GAR's reimplementation, its Appendix D.10): 'conflicts' / E
     #   'pairs'      the number of pairs (a mean over every kept, real pair, non-conflicting ones contributing 0)
@@ -392,6 +392,13 @@ class STGC:
             r.output.register_hook(on_output_grad)
             if not self.measure_only:                                  # measuring leaves every gradient as it is
                 r.router_logits.register_hook(on_logits_grad)
+
+    def cel_values(self) -> tuple:
+        """(CEL summed over the layers, the same weighted as the objective weighs it: beta, / layers with 'mean', 0
+        when measuring only) of the last forward's conflicts: what train.py logs, with no re-derivation there."""
+        found = [c for c in self.conflicts if c is not None]
+        total = sum(float(c.cel) for c in found)
+        return total, total * self.layer_weight(len(self.conflicts) or 1)
 
     def stats(self, num_experts):
         return [c.stats(num_experts) for c in self.conflicts if c is not None]

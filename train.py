@@ -2,19 +2,21 @@
 train.py: every training stage of MoE-LLaVA / LLaVA-MoLE, with STGC, in one script.
 
     python train.py --config configs/demo.toml                                   # one process, CPU or GPU
-    torchrun --nproc_per_node=8 train.py --config configs/moe_llava_stablelm_stgc.toml --train.lr=2e-5
+    torchrun --nproc_per_node=8 train.py --config configs/moe_llava_stablelm.toml --config configs/stgc.toml \
+             --train.out_dir=out/moe_llava_stablelm_stgc --train.lr=2e-5          # a preset, an overlay, overrides
     python train.py --config configs/X.toml --resume out/X/latest                # continue exactly
     torchrun --max-restarts=3 ... train.py --config configs/X.toml --resume auto  # its latest checkpoint, if any
 Ctrl-C or SIGTERM (preemption) saves a checkpoint at the next step boundary and exits cleanly.
     python train.py --export-moe-llava out/X/step_000100 --to out/X_hf            # MoE-LLaVA / HF layout
+    python train.py --help                                                       # every flag and section
 
-Stages (reference/moe_llava.md §1.9, §4.1):
+Stages (docs/moe_llava.md §1.9; one table: STAGES below):
   pretrain  stage I: the projector trains; plain template.
   finetune  stage II: the LLM and the projector train.
   moe       stage III: dense MLPs upcycled into experts (moe.py); every FFN (dense ones too), the routers and
             the projector train, as the original really does (its `train_modules` + projector).
   mole      LLaVA-MoLE: LoRA experts (+ routers, + optional attention LoRA) train; all else frozen.
-  lora      plain LoRA on every MLP (MoLE with one expert, no router): the MoLE paper's baseline.
+  lora      plain LoRA (moe.LoRALinear) on every MLP projection, no router: the MoLE paper's baseline.
 The vision tower is frozen unless train.train_vision_tower (the demo trains its tower from scratch).
 
 The objective of one optimizer step, every term in one place (see `train_step`):
@@ -24,9 +26,13 @@ global batch, not a mean of micro-batch means); aux and CEL are means over micro
 
 Config: TOML presets in configs/ with sections [train] [init] [model] [moe] [stgc] [data], mapped onto the
 dataclasses TrainConfig, InitConfig, LlavaConfig (model.py), MoEConfig (moe.py), STGCConfig (stgc.py),
-DataConfig (data.py). Precedence: dataclass defaults < TOML file < --section.key=value (literal_eval'd,
-type-checked against the default). An unknown key is an error naming it.
+DataConfig (data.py). Precedence: dataclass defaults < each --config file in order (an overlay such as
+configs/stgc.toml holds only what it changes) < --section.key=value (TOML syntax, type-checked against the
+field's declared type). An unknown key, or one that is not user-settable, is an error naming it.
+When the starting checkpoint already has MoE layers, they are its: [moe]'s runtime knobs (moe.RUNTIME_FIELDS)
+are applied to them and printed, a structural difference (moe.STRUCTURAL_FIELDS) is an error (resolve_moe).
 """
+import argparse
 import ast
 import json
 import math
@@ -35,9 +41,12 @@ import random
 import shutil
 import signal
 import sys
+import textwrap
 import time
 import tomllib
+import typing
 from contextlib import nullcontext
+from types import UnionType
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 
 import torch
@@ -45,10 +54,37 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import DataConfig, DataError, LlavaJsonDataset, ModalityLengthGroupedSampler, Tokenizer, collate, read_records
-from model import IGNORE_INDEX, LanguageModel, LlavaConfig, LlavaModel, VisionConfig, VisionTower, Projector, to_hf_state_dict
-from moe import MoEConfig, MoELayer, check_choice, is_moe_trainable, sequence_aux_loss, update_expert_bias, z_loss
+from model import (IGNORE_INDEX, LanguageModel, LlavaConfig, LlavaModel, VisionConfig, VisionTower, Projector, latest_checkpoint,
+                   saved_moe_config, setup_distributed, to_hf_state_dict)
+from moe import (RUNTIME_FIELDS, STRUCTURAL_FIELDS, MoEConfig, MoELayer, check_choice, is_moe_trainable, is_routed,
+                 sequence_aux_loss, update_expert_bias, z_loss)
 from stgc import STGC, STGCConfig, kind_stats_from_totals, stats_from_totals
 from routing import KINDS, layer_sums, layer_stats, sums_width, token_kinds
+
+# -----------------------------------------------------------------------------
+# Stages: every rule that depends on the stage, in one table (docs/moe_llava.md §1.9)
+
+
+@dataclass(frozen=True)
+class Stage:
+    lm: str                # which LM parameters train: 'none' | 'all' | 'moe' (moe.is_moe_trainable of the MoE kind)
+    install: str           # what a dense LM gets first: '' | 'moe' (the [moe] layers) | 'mole' ([moe], kind 'lora')
+                           # | 'lora' (plain LoRA: [moe]'s LoRA settings, one expert, no router, every layer)
+    routed: bool           # its layers have routers, so STGC can run
+    template: str          # the conversation template its data is written in ('' = a chat template)
+    grouped: bool          # batches grouped by modality and length (LLaVA's group_by_modality_length)
+
+
+STAGES = {
+    "pretrain": Stage(lm="none", install="", routed=False, template="plain", grouped=False),
+    "finetune": Stage(lm="all", install="", routed=False, template="", grouped=True),
+    "moe": Stage(lm="moe", install="moe", routed=True, template="", grouped=True),
+    "mole": Stage(lm="moe", install="mole", routed=True, template="", grouped=True),
+    "lora": Stage(lm="moe", install="lora", routed=False, template="", grouped=True),
+}
+# The projector trains in every stage: I and II by design; III and LoRA because LLaVA's initialize_vision_modules
+# re-enables it after the LoRA/MoE freezing ("in case it is frozen by LoRA", docs/moe_llava.md §1.9).
+ROUTED_STAGES = tuple(name for name, st in STAGES.items() if st.routed)   # ('moe', 'mole')
 
 # -----------------------------------------------------------------------------
 # Config
@@ -56,7 +92,7 @@ from routing import KINDS, layer_sums, layer_stats, sums_width, token_kinds
 
 @dataclass
 class TrainConfig:
-    stage: str = "finetune"            # pretrain | finetune | moe | mole | lora
+    stage: str = "finetune"            # a key of STAGES: pretrain | finetune | moe | mole | lora
     out_dir: str = "out/run"
     seed: int = 0
     epochs: int = 1
@@ -82,7 +118,7 @@ class TrainConfig:
     max_nonfinite: int = 5             # consecutive non-finite losses (skipped steps) before aborting
 
     def __post_init__(self):
-        check_choice("train.stage", self.stage, ("pretrain", "finetune", "moe", "mole", "lora"))
+        check_choice("train.stage", self.stage, STAGES)
         check_choice("train.dtype", self.dtype, ("bf16", "fp32"))
         check_choice("train.parallel", self.parallel, ("ddp", "fsdp"))
 
@@ -125,44 +161,83 @@ def _defaults(cls) -> dict:
     return out
 
 
-def _merge(base: dict, new: dict, where: str, prefix=""):
+# Fields a config file or override may not set, and why (each refused by name).
+NOT_SETTABLE = {"model.lm.moe": "the MoE layers are configured by the [moe] section (and train.stage)"}
+
+
+def _types(cls) -> dict:
+    """A dataclass's declared field types as a nested dict (nested dataclasses as dicts): what _merge checks."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: _types(hints[f.name]) if is_dataclass(hints[f.name]) and f.default is MISSING else hints[f.name]
+            for f in fields(cls)}
+
+
+def _type_ok(typ, value) -> bool:
+    if typ is object:                                                  # moe.layers: a placement name or indices
+        return isinstance(value, (str, list))
+    if typ is float:
+        return type(value) in (int, float)
+    if typ in (bool, int, str):
+        return type(value) is typ                                      # bool is not an int here
+    if typing.get_origin(typ) in (typing.Union, UnionType):   # e.g. tuple | None
+        return any(_type_ok(t, value) for t in typing.get_args(typ))
+    if typ in (list, tuple):
+        return isinstance(value, list)                                 # TOML arrays
+    if typ is dict:
+        return isinstance(value, dict)
+    return typ is type(None) and value is None
+
+
+def _merge(base: dict, new: dict, types: dict, where: str, given: set, prefix=""):
+    """Merge `new` into `base` (both nested dicts), each value checked against its field's declared type."""
     for key, value in new.items():
         name = prefix + key
-        if key not in base:
+        if name in NOT_SETTABLE:
+            raise ConfigError(f"{name} is not user-settable: {NOT_SETTABLE[name]} ({where})")
+        if key not in types:
             raise ConfigError(f"unknown config key {name!r} ({where})")
-        old = base[key]
-        if isinstance(old, dict) and old and isinstance(value, dict):
-            _merge(old, value, where, name + ".")
+        typ = types[key]
+        if isinstance(typ, dict):                                      # a section ([model.lm], ...)
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} is a section: set its keys ({name}.KEY=VALUE), not {value!r} ({where})")
+            _merge(base[key], value, typ, where, given, name + ".")
             continue
-        ok = (old is None or old == {} or isinstance(old, str) and isinstance(value, (str, list))  # e.g. moe.layers
-              or type(old) is type(value) or isinstance(old, float) and type(value) is int
-              or isinstance(old, list) and isinstance(value, list))
-        if not ok:
-            raise ConfigError(f"{name}: expected {type(old).__name__}, got {value!r} ({where})")
-        base[key] = float(value) if isinstance(old, float) else value
+        if not _type_ok(typ, value):
+            shown = getattr(typ, "__name__", str(typ))
+            raise ConfigError(f"{name}: expected {shown}, got {value!r} ({where})")
+        base[key] = float(value) if typ is float else value
+        given.add(name)
 
 
-def load_config(path=None, overrides=(), base: dict | None = None) -> Config:
-    """Defaults (or `base`, a saved config being resumed) < TOML file < overrides ('section.key=value')."""
+def parse_override(item: str) -> dict:
+    """'--section.key=value' -> {'section': {'key': value}}; the value in TOML syntax (true, 1e-3, [1, 2]), as in the
+    preset files, or a Python literal (True), or else a bare string."""
+    key, eq, raw = item.lstrip("-").partition("=")
+    if not eq:
+        raise ConfigError(f"override {item!r} is not --section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(paths=None, overrides=(), base: dict | None = None) -> Config:
+    """Defaults (or `base`, a saved config being resumed) < each TOML file of `paths` in order (one path or a list:
+    a preset, then overlays) < overrides ('section.key=value'). The keys set by files and overrides (all of them
+    for `base`) are recorded as cfg.given: resolve_moe applies only what was asked for."""
     d = json.loads(json.dumps(base)) if base is not None else _defaults(Config)
-    if path:
+    types, given = _types(Config), set(flat(base)) if base is not None else set()
+    for path in [paths] if isinstance(paths, str) else paths or []:
         with open(path, "rb") as f:
-            _merge(d, tomllib.load(f), path)
+            _merge(d, tomllib.load(f), types, path, given)
     for item in overrides:
-        key, eq, raw = item.lstrip("-").partition("=")
-        if not eq:
-            raise ConfigError(f"override {item!r} is not --section.key=value")
-        try:                                                           # TOML syntax (true, 1e-3, [1, 2]),
-            value = tomllib.loads(f"v = {raw}")["v"]                   # as in the preset files
-        except tomllib.TOMLDecodeError:
-            try:
-                value = ast.literal_eval(raw)                          # Python spellings (True) too
-            except (ValueError, SyntaxError):
-                value = raw                                            # a bare string
-        nested = value
-        for part in reversed(key.split(".")):
-            nested = {part: nested}
-        _merge(d, nested, f"override --{item.lstrip('-')}")
+        _merge(d, parse_override(item), types, f"override --{item.lstrip('-')}", given)
     try:
         cfg = Config(train=TrainConfig(**d["train"]), init=InitConfig(**d["init"]), model=LlavaConfig(**d["model"]),
                      moe=MoEConfig(**d["moe"]), stgc=STGCConfig(**d["stgc"]), data=DataConfig(**d["data"]))
@@ -173,22 +248,65 @@ def load_config(path=None, overrides=(), base: dict | None = None) -> Config:
                           f"train.stage={cfg.train.stage!r}: drop --stgc.enabled or set --train.stage=moe")
     if not 0 <= cfg.data.max_skip_share <= 1:
         raise ConfigError(f"data.max_skip_share={cfg.data.max_skip_share} is not a share in [0, 1]")
+    cfg.given = frozenset(given)                                       # not a field: not saved, not in the identity
     return cfg
 
 
-ROUTED_STAGES = ("moe", "mole")                                      # the stages whose experts have a router (STGC)
+def stage_moe(cfg: Config) -> MoEConfig:
+    """The MoE layers this stage installs on a dense LM (STAGES[stage].install)."""
+    install = STAGES[cfg.train.stage].install
+    if install == "lora":                                              # plain LoRA: MoLE's LoRA settings, 1 expert
+        return replace(cfg.moe, kind="lora", num_experts=1, top_k=1, layers="dense")
+    if install == "mole" and cfg.moe.kind != "lora":
+        raise ConfigError("stage 'mole' needs moe.kind = 'lora' (and moe.top_k = 1)")
+    return cfg.moe
+
+
+def resolve_moe(cfg: Config, start: MoEConfig | None, num_layers: int, where="the starting checkpoint"):
+    """(the MoE config of this run, its changes as 'key: old -> new' lines). With no MoE in the starting model: the
+    stage's (stage_moe; unused by a dense stage). With one: the checkpoint's layers stay its own. Of the [moe] keys
+    given (in a file or override; every key in a Config built in code), a runtime knob (moe.RUNTIME_FIELDS:
+    capacities, coefficients, impl, second expert) replaces the checkpoint's value, and a structural one
+    (moe.STRUCTURAL_FIELDS: expert count, layers, kind, LoRA shapes) must equal it."""
+    install = STAGES[cfg.train.stage].install
+    wanted = stage_moe(cfg) if install else cfg.moe
+    if start is None:
+        return wanted, []
+    given = getattr(cfg, "given", None)
+    given = ({k[len("moe."):] for k in given if k.startswith("moe.")} if given is not None
+             else {f.name for f in fields(MoEConfig)})
+    if install == "lora":
+        given |= {"kind", "num_experts", "top_k", "layers"}           # set by the stage itself
+    value = lambda moe, k: moe.layer_indices(num_layers) if k == "layers" else getattr(moe, k)   # noqa: E731
+    for k in STRUCTURAL_FIELDS:
+        if k in given and value(wanted, k) != value(start, k):
+            raise ConfigError(f"moe.{k}={getattr(wanted, k)!r}, but {where} has MoE layers built with moe.{k}="
+                              f"{getattr(start, k)!r}: a structural setting of existing layers cannot change; drop "
+                              f"it (the checkpoint's is used) or start from a dense checkpoint")
+    runtime = {k: getattr(wanted, k) for k in RUNTIME_FIELDS if k in given and getattr(wanted, k) != getattr(start, k)}
+    return replace(start, **runtime), [f"moe.{k}: {getattr(start, k)!r} -> {v!r}" for k, v in runtime.items()]
+
 
 # -----------------------------------------------------------------------------
 # Model: build or load, set the stage's trainable parameters
 
 
-def build_model(cfg: Config, vocab_size: int) -> LlavaModel:
+def start_checkpoint(cfg: Config, resume: str | None = None) -> str:
+    """The checkpoint dir the model starts from: the resumed one, or init.checkpoint's latest; '' otherwise."""
+    return resume or (latest_checkpoint(cfg.init.checkpoint) if cfg.init.source == "checkpoint" else "")
+
+
+def build_model(cfg: Config, vocab_size: int, resume: str | None = None) -> LlavaModel:
+    """The model of cfg.init (a resume: its own checkpoint's weights), with the MoE layers of the stage: installed
+    on a dense LM (STAGES[stage].install), or, where the checkpoint has them, its own with resolve_moe's knobs."""
     src = cfg.init
-    if src.source == "scratch":
+    if resume or src.source == "checkpoint":
+        model = LlavaModel.from_pretrained(start_checkpoint(cfg, resume), vision_tower=None if resume else src.vision_tower or None)
+    elif src.source == "scratch":
         if cfg.model.lm.vocab_size < vocab_size:
             raise ConfigError(f"model.lm.vocab_size={cfg.model.lm.vocab_size} < the tokenizer's {vocab_size}")
         model = LlavaModel(cfg.model)
-    elif src.source == "hf":
+    else:
         tower = VisionTower.from_pretrained(src.vision_tower, select_layer=cfg.model.vision.select_layer,
                                             select_feature=cfg.model.vision.select_feature)
         lm = LanguageModel.from_pretrained(src.llm)
@@ -197,31 +315,24 @@ def build_model(cfg: Config, vocab_size: int) -> LlavaModel:
         model.vision_tower, model.lm = tower, lm
         model.projector = Projector(cfg.model.projector, tower.cfg.hidden_size, lm.cfg.hidden_size,   # fresh
                                     cfg.model.image_start_end)
-    else:
-        model = LlavaModel.from_pretrained(latest_checkpoint(src.checkpoint), vision_tower=src.vision_tower or None)
-    stage = cfg.train.stage
-    if stage in ("moe", "mole", "lora") and model.lm.cfg.moe is None:
-        moe = cfg.moe
-        if stage == "lora":                                           # MoLE with one expert = plain LoRA
-            moe = MoEConfig(**(asdict(moe) | dict(kind="lora", num_experts=1, top_k=1, layers="dense")))
-        elif stage == "mole" and moe.kind != "lora":
-            raise ConfigError("stage 'mole' needs moe.kind = 'lora' (and moe.top_k = 1)")
-        model.lm.install_moe(moe)                                     # stage III upcycling (moe.py)
+    moe, _ = resolve_moe(cfg, model.lm.cfg.moe, model.lm.cfg.num_layers)
+    if model.lm.cfg.moe is not None:
+        model.lm.set_moe(moe)                                         # the runtime knobs asked for (printed by main)
+    elif STAGES[cfg.train.stage].install:
+        model.lm.install_moe(moe)                                     # stage III upcycling, MoLE or LoRA (moe.py)
     return model
 
 
 def set_trainable(model: LlavaModel, cfg: TrainConfig):
-    """Which parameters train in each stage (reference §1.9)."""
+    """Which parameters train in each stage (STAGES[stage].lm; docs/moe_llava.md §1.9)."""
     model.requires_grad_(False)
+    rule = STAGES[cfg.stage].lm
     kind = model.lm.cfg.moe.kind if model.lm.cfg.moe is not None else None
     for name, p in model.named_parameters():
         if name.startswith("projector."):
-            # every stage: I and II by design; III and LoRA because LLaVA's initialize_vision_modules re-enables
-            # the projector after the LoRA/MoE freezing ("in case it is frozen by LoRA", reference §1.9)
-            p.requires_grad_(True)
+            p.requires_grad_(True)                                     # every stage (see STAGES)
         elif name.startswith("lm."):
-            inner = name[len("lm."):]
-            p.requires_grad_(cfg.stage == "finetune" or (cfg.stage in ("moe", "mole", "lora") and is_moe_trainable(inner, kind)))
+            p.requires_grad_(rule == "all" or (rule == "moe" and is_moe_trainable(name[len("lm."):], kind)))
         elif name.startswith("vision_tower."):
             p.requires_grad_(cfg.train_vision_tower)
     return model
@@ -260,7 +371,7 @@ def apply_fsdp(model: LlavaModel, bf16: bool):
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     fully_shard(model.vision_tower, mp_policy=mp)
     for block in model.lm.layers:
-        if getattr(block.mlp, "router", None) is not None:
+        if is_routed(block.mlp):
             fully_shard(block.mlp.router, mp_policy=fp32)
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -352,16 +463,6 @@ def tower_was_trained(checkpoint) -> bool:
     if "vision_tower_trained" in config:
         return bool(config["vision_tower_trained"])
     return bool(config.get("train_config", {}).get("train", {}).get("train_vision_tower", False))
-
-
-def latest_checkpoint(path):
-    """A step_* dir as given, or the one a run dir's (or its 'latest' file's) pointer names."""
-    if os.path.basename(path) == "latest" and os.path.isfile(path):
-        path = os.path.dirname(path)
-    if os.path.isfile(os.path.join(path, "latest")):
-        with open(os.path.join(path, "latest")) as f:
-            path = os.path.join(path, f.read().strip())
-    return path
 
 
 def resolve_resume(path, out_dir):
@@ -458,7 +559,8 @@ def checkpoint_run(path: str) -> str | None:
 
 def resumed_config(checkpoint: str, config_path, overrides) -> Config:
     """The config to resume `checkpoint` with: the one it saved, plus overrides of RESUMABLE settings. With
-    --config the file is read as well and must describe the same run; out_dir is the checkpoint's run dir."""
+    --config (config_path: the list of files) they are read as well and must describe the same run; out_dir is the
+    checkpoint's run dir."""
     with open(os.path.join(checkpoint, "config.json")) as f:
         saved = json.load(f).get("train_config")
     if saved is None:
@@ -622,16 +724,6 @@ class Context:
     probe: STGC = None                 # stgc.measure without STGC: conflict statistics only (made by train_step)
 
 
-def setup_distributed():
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return rank, world, torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-
-
 def all_reduce_sum(t, world):
     if world > 1:
         dist.all_reduce(t)
@@ -650,11 +742,12 @@ def train_step(ctx: Context, micro_batches, step, total_steps):
     for g in ctx.optimizer.param_groups:
         g["lr"] = lr * g["lr_scale"]
     bf16 = cfg.train.dtype == "bf16" and device.type == "cuda"
-    sums = torch.zeros(4, device=device)                              # LM CE sum, aux, CEL, MoE layers
+    sums = torch.zeros(4, device=device)                              # LM CE sum, aux, CEL, beta * CEL (weighted)
     load_LE = stgc_LT = None                                           # expert counts, STGC totals: whole step
     route_LX = None                                                    # routing.layer_sums | z, seq aux | per-kind totals
-    moe_cfg = ctx.raw.lm.cfg.moe
+    moe_cfg = ctx.raw.lm.cfg.moe                                       # the model's MoE settings (one home: resolve_moe)
     E, K = (moe_cfg.num_experts, moe_cfg.top_k) if moe_cfg is not None else (0, 0)
+    coef = moe_cfg or cfg.moe                                          # a dense model's router terms are all 0
     stgc = ctx.stgc                                                    # STGC, or its statistics alone (stgc.measure)
     if stgc is None and cfg.stgc.measure and moe_cfg is not None:
         ctx.probe = ctx.probe or STGC(replace(cfg.stgc, impl="fast"), measure_only=True)
@@ -677,16 +770,16 @@ def train_step(ctx: Context, micro_batches, step, total_steps):
                     conflicts = ctx.stgc.reference_conflicts(forward)     # pass 1 (paper): LM-loss gradients only
                 out = forward()
                 # per MoE layer [L]: z-loss and sequence aux (moe.py), with a graph only where they train
-                z_L, seq_L = (router_terms(out.routing, cfg.moe.z_loss_coef, z_loss),
-                              router_terms(out.routing, cfg.moe.seq_aux_loss_coef, sequence_aux_loss))
+                z_L, seq_L = (router_terms(out.routing, coef.z_loss_coef, z_loss),
+                              router_terms(out.routing, coef.seq_aux_loss_coef, sequence_aux_loss))
                 # ---- the objective: every term here -------------------------------------------------
                 lm_term = out.loss * out.num_tokens * ctx.world / n_global   # CE sum / N_global (DDP averages ranks)
-                aux_term = cfg.moe.aux_loss_coef * out.aux_loss / accum      # alpha * sum over MoE layers of aux
+                aux_term = coef.aux_loss_coef * out.aux_loss / accum         # alpha * sum over MoE layers of aux
                 loss = lm_term + aux_term
-                if cfg.moe.z_loss_coef > 0:                                 # ST-MoE router z-loss, summed over layers
-                    loss = loss + cfg.moe.z_loss_coef * z_L.sum() / accum
-                if cfg.moe.seq_aux_loss_coef > 0:                           # per-sample aux, summed over layers
-                    loss = loss + cfg.moe.seq_aux_loss_coef * seq_L.sum() / accum
+                if coef.z_loss_coef > 0:                                    # ST-MoE router z-loss, summed over layers
+                    loss = loss + coef.z_loss_coef * z_L.sum() / accum
+                if coef.seq_aux_loss_coef > 0:                              # per-sample aux, summed over layers
+                    loss = loss + coef.seq_aux_loss_coef * seq_L.sum() / accum
                 if conflicts is not None:
                     loss = loss + ctx.stgc.cel(out.routing, conflicts, scale=1 / accum)   # beta * CEL, pass 2
                 elif stgc is not None and out.routing:
@@ -696,10 +789,9 @@ def train_step(ctx: Context, micro_batches, step, total_steps):
             # outside autocast, as PyTorch's AMP recipe says: each backward op runs in the dtype its forward op
             # ran in (on CPU and CUDA alike the engine would otherwise see autocast on and recast the router's fp32 grads)
             loss.backward()
+        cel, weighted = ctx.stgc.cel_values() if ctx.stgc is not None else (0.0, 0.0)   # this micro-batch's
         sums += torch.stack([out.loss.detach() * out.num_tokens, out.aux_loss.detach(),
-                             torch.tensor(sum(float(c.cel) for c in ctx.stgc.conflicts if c is not None)
-                                          if ctx.stgc is not None else 0.0, device=device),
-                             torch.tensor(float(len(out.routing)), device=device)])
+                             torch.tensor(cel, device=device), torch.tensor(weighted, device=device)])
         if out.routing:
             counts_LE = torch.stack([r.expert_counts.float() for r in out.routing])              # [L, E]
             load_LE = counts_LE if load_LE is None else load_LE + counts_LE
@@ -736,9 +828,8 @@ def train_step(ctx: Context, micro_batches, step, total_steps):
         for r, row in zip(out.routing, route_LX):                      # aux-loss-free: bias from the global load
             if getattr(r.module, "expert_bias", None) is not None:
                 update_expert_bias(r.module, row[2:2 + E])
-    aux, cel = float(sums[1]) / (accum * ctx.world), float(sums[2]) / (accum * ctx.world)
-    cel_weight = ctx.stgc.layer_weight(int(sums[3]) // (accum * ctx.world) or 1) if ctx.stgc is not None else 0.0
-    log = {"step": step, "lr": lr, "loss": lm_loss + cfg.moe.aux_loss_coef * aux + cel_weight * cel, "lm_loss": lm_loss,
+    aux, cel, beta_cel = (float(x) / (accum * ctx.world) for x in sums[1:])   # means over micro-batches and ranks
+    log = {"step": step, "lr": lr, "loss": lm_loss + coef.aux_loss_coef * aux + beta_cel, "lm_loss": lm_loss,
            "aux_loss": aux, "cel": cel, "grad_norm": grad_norm, "tokens": int(n_global)}
     if ctx.stgc is not None:
         log["stgc_tau"], log["stgc_beta"] = ctx.stgc.threshold, ctx.stgc.loss_weight
@@ -767,7 +858,7 @@ def train_step(ctx: Context, micro_batches, step, total_steps):
             log["routing"].append(layer)
         log["z_loss"] = sum(layer["z_loss"] for layer in log["routing"])
         log["seq_aux_loss"] = sum(layer["seq_aux_loss"] for layer in log["routing"])
-        log["loss"] += cfg.moe.z_loss_coef * log["z_loss"] + cfg.moe.seq_aux_loss_coef * log["seq_aux_loss"]
+        log["loss"] += coef.z_loss_coef * log["z_loss"] + coef.seq_aux_loss_coef * log["seq_aux_loss"]
     if load_LE is not None:
         load_LE = all_reduce_sum(load_LE, ctx.world)
         log["expert_load"] = (load_LE / load_LE.sum(-1, keepdim=True).clamp_min(1)).tolist()
@@ -825,23 +916,27 @@ def global_batches(loader, accum, stats):
             micro = []
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--export-moe-llava":
-        args = [a for a in argv[1:] if a != "--drop-trained-tower"]
-        if len(args) != 3 or args[1] != "--to":
-            raise ConfigError("usage: python train.py --export-moe-llava CHECKPOINT_OR_RUN_DIR --to OUT_DIR [--drop-trained-tower]")
-        return export_moe_llava(args[0], args[2], drop_trained_tower="--drop-trained-tower" in argv)
-    config_path = argv[argv.index("--config") + 1] if "--config" in argv else None
-    resume = argv[argv.index("--resume") + 1] if "--resume" in argv else None
-    flags = [a for i, a in enumerate(argv) if a not in ("--config", "--resume") and (i == 0 or argv[i - 1] not in ("--config", "--resume"))]
-    if any(not (a.startswith("--") and "=" in a) for a in flags):
-        raise ConfigError(f"arguments must be --config FILE, --resume DIR or --section.key=value; got {flags}")
-    overrides = flags
-    cfg = load_config(config_path, overrides)
+@dataclass
+class Run:
+    """What setup() makes and restore() / loop() continue: train_step's Context and the loop's own state."""
+    ctx: Context
+    dataset: LlavaJsonDataset
+    accum: int                         # micro-batches per optimizer step on each rank
+    total_steps: int
+    resume: str | None = None          # the checkpoint being continued
+    load_skipped: int = 0              # records skipped when the data loaded (check_skips counts the rest)
+    step: int = 0
+    epoch: int = 0
+    consumed: int = 0                  # samples of this epoch already drawn (all ranks)
+
+
+def setup(config_paths=(), overrides=(), resume=None) -> Run:
+    """The config (a resume: the checkpoint's own), the processes, every check that needs no long work, the run
+    dir, the data, then the model with its trainable set, parallelism and optimizer."""
+    cfg = load_config(config_paths, overrides)
     resume = resolve_resume(resume, cfg.train.out_dir) if resume else None
     if resume:                                                        # the run as it was started (run identity)
-        cfg = resumed_config(resume, config_path, overrides)
+        cfg = resumed_config(resume, config_paths, overrides)
     rank, world, device = setup_distributed()
     tc = cfg.train
     if tc.global_batch_size % (tc.micro_batch_size * world):
@@ -853,7 +948,8 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if rank == 0:
-        print(f"config ({config_path or 'defaults'}{f', resuming {resume}' if resume else ''}):\n{json.dumps(asdict(cfg), indent=1)}")
+        shown = ", ".join(config_paths) if config_paths else "defaults"
+        print(f"config ({shown}{f', resuming {resume}' if resume else ''}):\n{json.dumps(asdict(cfg), indent=1)}")
 
     # ---- every check that needs no long work, then the run dir, then the data ---------------------
     try:
@@ -864,6 +960,15 @@ def main(argv=None):
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     check_before_work(cfg, records)
+    # the MoE layers of the run, from the starting checkpoint's config alone: one MoEConfig, saved and used by all
+    start = start_checkpoint(cfg, resume) or (cfg.init.llm if cfg.init.source == "hf" else "")
+    cfg.moe, changes = resolve_moe(cfg, *(saved_moe_config(start) if start else (None, 0)), where=start)
+    if rank == 0 and changes:
+        print(f"moe: {start} has MoE layers; [moe] changes their runtime settings: {'; '.join(changes)}")
+    stage = STAGES[tc.stage]
+    if rank == 0 and stage.template and cfg.data.template != stage.template:
+        print(f"note: train.stage={tc.stage!r} is meant for the {stage.template!r} template, data.template="
+              f"{cfg.data.template!r} (STAGES)")
     ident = claim_run_dir(cfg, resume, rank)
     dataset = LlavaJsonDataset(cfg.data, tokenizer, records)
     if rank == 0:
@@ -872,72 +977,81 @@ def main(argv=None):
             f.write(dataset.stats.report(max_examples=20) + "\n")
     check_skips(dataset.stats, len(dataset.stats.skipped), len(records), cfg.data.max_skip_share, tc.out_dir, rank,
                 "loading the data")
-    load_skipped = len(dataset.stats.skipped)
     sampler = ModalityLengthGroupedSampler(dataset.modality_lengths, tc.micro_batch_size * accum, world, rank, tc.seed,
-                                           group_by_modality_length=tc.stage != "pretrain")
+                                           group_by_modality_length=stage.grouped)
     steps_per_epoch = len(sampler) // (tc.micro_batch_size * accum)
-    total_steps = tc.max_steps or tc.epochs * steps_per_epoch
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(dataset)} samples cannot fill one global batch of {tc.global_batch_size}")
 
     # ---- model, trainable set, parallelism, optimizer -------------------------------------------
-    state = None
-    if resume:
-        state = torch.load(os.path.join(resume, "trainer_state.pt"), map_location="cpu", weights_only=True)
     # a resume loads its own checkpoint's weights; cfg.init stays what the run was started from (its identity)
-    model = build_model(replace(cfg, init=InitConfig(source="checkpoint", checkpoint=resume)) if resume else cfg,
-                        tokenizer.vocab_size)
-    set_trainable(model, tc).to(device)
-    model.lm.activation_checkpointing = tc.activation_checkpointing
-    raw = model
+    raw = model = set_trainable(build_model(cfg, tokenizer.vocab_size, resume), tc).to(device)
+    raw.lm.activation_checkpointing = tc.activation_checkpointing
     if world > 1 and tc.parallel == "fsdp":
         model = apply_fsdp(model, tc.dtype == "bf16" and device.type == "cuda")
     elif world > 1:
         # gradient_as_bucket_view: the grads are views into DDP's buckets, not a second fp32 copy (7.8 GiB per GPU
-        # at StableLM-1.6B x 4 stage III: bench/memory_plan.py)
+        # at StableLM-1.6B x 4 stage III: bench/memory_plan.py); the loop path leaves experts unused in a step
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                          find_unused_parameters=cfg.moe.impl == "loop",
+                                                          find_unused_parameters=raw.lm.cfg.moe is not None
+                                                          and raw.lm.cfg.moe.impl == "loop",
                                                           gradient_as_bucket_view=True)
     optimizer = torch.optim.AdamW(param_groups(raw, tc), lr=tc.lr, betas=tuple(tc.adam_betas), fused=device.type == "cuda")
-    start = resume or (latest_checkpoint(cfg.init.checkpoint) if cfg.init.source == "checkpoint" else "")
+    start = start_checkpoint(cfg, resume)
     tower_trained = tc.train_vision_tower or (os.path.isfile(os.path.join(start, "config.json")) and tower_was_trained(start))
     extra = {"data": cfg.data.to_checkpoint(), "train_config": asdict(cfg),     # eval preprocesses as training did
              "vision_tower_trained": tower_trained,                         # export refuses to drop a trained tower
              "run": ident["run"]}                                           # keep_last prunes this run's only
     ctx = Context(cfg, model, raw, optimizer, sampler, rank, world, device, extra, tokenizer,
                   STGC(cfg.stgc) if cfg.stgc.enabled else None)
-    step, epoch, consumed = 0, 0, 0
-    if state is not None:
+    return Run(ctx, dataset, accum, tc.max_steps or tc.epochs * steps_per_epoch, resume, len(dataset.stats.skipped))
+
+
+def restore(run: Run):
+    """A resume: the optimizer, the sampler's position, step, epoch and RNG of its checkpoint (the weights came
+    with the model). A fresh start: the first epoch's order."""
+    ctx = run.ctx
+    if run.resume:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        sampler.load_state_dict(state["sampler"])
-        step, epoch, ctx.nonfinite = state["step"], state["epoch"], state["nonfinite"]
-        consumed = sampler.start
-        rng = torch.load(os.path.join(resume, f"rng_rank{rank}.pt"), weights_only=True)
+        state = torch.load(os.path.join(run.resume, "trainer_state.pt"), map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(ctx.model, ctx.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        ctx.sampler.load_state_dict(state["sampler"])
+        run.step, run.epoch, ctx.nonfinite = state["step"], state["epoch"], state["nonfinite"]
+        run.consumed = ctx.sampler.start
+        rng = torch.load(os.path.join(run.resume, f"rng_rank{ctx.rank}.pt"), weights_only=True)
         torch.set_rng_state(rng["torch"])
         if rng["cuda"]:
             torch.cuda.set_rng_state_all(rng["cuda"])
         random.setstate(rng["python"])
     else:
-        sampler.set_epoch(0)
-    if rank == 0:
+        ctx.sampler.set_epoch(0)
+    if ctx.rank == 0:
+        tc, raw = ctx.cfg.train, ctx.raw
         n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
         print(f"stage {tc.stage}: {n_train / 1e6:.2f}M of {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M "
-              f"parameters train; {world} rank(s) x {tc.micro_batch_size} x {accum} accumulation; {total_steps} steps")
-        print(describe_compute(raw, device, bf16=tc.dtype == "bf16" and device.type == "cuda"))
+              f"parameters train; {ctx.world} rank(s) x {tc.micro_batch_size} x {run.accum} accumulation; "
+              f"{run.total_steps} steps")
+        print(describe_compute(raw, ctx.device, bf16=tc.dtype == "bf16" and ctx.device.type == "cuda"))
+    return run
 
-    # ---- loop ----------------------------------------------------------------------------------
+
+def loop(run: Run) -> str:
+    """Optimizer steps until total_steps (or a stop signal), a checkpoint every save_every and at the end; returns
+    the last checkpoint's dir."""
+    ctx, dataset, accum, total_steps = run.ctx, run.dataset, run.accum, run.total_steps
+    cfg, tc, rank, world, raw = ctx.cfg, ctx.cfg.train, ctx.rank, ctx.world, ctx.raw
+    step, epoch, consumed = run.step, run.epoch, run.consumed
     if rank == 0:
         truncate_log(os.path.join(tc.out_dir, "log.jsonl"), step)     # rows past the resumed step are redone
     log_file = open(os.path.join(tc.out_dir, "log.jsonl"), "a") if rank == 0 else None
     drawn = 0                                                          # samples drawn by this process (skip share)
-    peak = peak_flops(device)
+    peak = peak_flops(ctx.device)
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"{tc.stage}")
     raw.train()
-    loader_collate = lambda samples: collate(samples, tokenizer.pad_id, "right", cfg.data.image_size)
+    loader_collate = lambda samples: collate(samples, ctx.tokenizer.pad_id, "right", cfg.data.image_size)   # noqa: E731
     stop = StopRequest()
     while step < total_steps and not stop.stopping:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=tc.micro_batch_size, sampler=sampler,
+        loader = torch.utils.data.DataLoader(dataset, batch_size=tc.micro_batch_size, sampler=ctx.sampler,
                                              collate_fn=loader_collate, num_workers=tc.num_workers, drop_last=True)
         for micro in global_batches(loader, accum, dataset.stats):
             t0 = time.perf_counter()
@@ -959,15 +1073,15 @@ def main(argv=None):
                     log_file.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{log['lm_loss']:.3f}", lr=f"{log.get('lr', 0):.1e}")
-            check_skips(dataset.stats, len(dataset.stats.skipped) - load_skipped, drawn, cfg.data.max_skip_share,
+            check_skips(dataset.stats, len(dataset.stats.skipped) - run.load_skipped, drawn, cfg.data.max_skip_share,
                         tc.out_dir, rank, f"step {step}")        # records that fail only when read (images, length)
-            if step == total_steps or stop.requested(world, device):
+            if step == total_steps or stop.requested(world, ctx.device):
                 break
             if tc.save_every and step % tc.save_every == 0:
                 save_checkpoint(ctx, step, consumed, epoch)
         else:                                                         # the epoch ran out
             epoch, consumed = epoch + 1, 0
-            sampler.set_epoch(epoch)
+            ctx.sampler.set_epoch(epoch)
     bar.close()
     stop.restore()
     if stop.stopping:
@@ -982,6 +1096,65 @@ def main(argv=None):
     if world > 1:
         dist.destroy_process_group()
     return last_saved
+
+
+EXPORT_USAGE = "usage: python train.py --export-moe-llava CHECKPOINT_OR_RUN_DIR --to OUT_DIR [--drop-trained-tower]"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):                                         # one line, as every other mistake (__main__)
+        raise ConfigError(f"{message} (python train.py --help lists the arguments)")
+
+
+def parse_args(argv) -> argparse.Namespace:
+    """--config (repeatable), --resume, the export flags; everything else must be --section.key=value."""
+    sections = ("[train] TrainConfig, [init] InitConfig (train.py); [model], [model.vision], [model.lm] LlavaConfig, "
+                "VisionConfig, LMConfig (model.py); [moe] MoEConfig (moe.py); [stgc] STGCConfig (stgc.py); [data] "
+                "DataConfig (data.py)")
+    item = lambda name, text: textwrap.fill(text, 112, initial_indent=f"  {name:<12} ", subsequent_indent=" " * 15)   # noqa: E731
+    epilog = "\n".join([
+        "overrides: --section.key=value (any number, after every --config file)",
+        item("precedence", "dataclass defaults < each --config file in order < overrides"),
+        item("sections", sections),
+        item("values", 'TOML syntax, as in the presets: 2e-5, true, "text", [0, 2], {rope_type = "linear", factor = 2.0} '
+             "(a bare word is a string), checked against the field's declared type; an unknown key, or one not "
+             f"user-settable ({', '.join(NOT_SETTABLE)}), is an error naming it"),
+        item("examples", "--train.lr=2e-5 --moe.capacity_factor=2.0 --stgc.enabled=true --data.image_folder=data/images"),
+        item("MoE layers", f"when the starting checkpoint has them, [moe]'s runtime knobs ({', '.join(RUNTIME_FIELDS)}) "
+             f"are applied and printed; a structural setting ({', '.join(STRUCTURAL_FIELDS)}) must match it"),
+        item("--resume", f"takes the checkpoint's own saved config; only these may change: {', '.join(RESUMABLE)}"),
+        "Stages and what trains in each: STAGES in train.py; docs/moe_llava.md §1.9."])
+    p = ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0].strip(), epilog=epilog, allow_abbrev=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="a TOML preset; repeat to layer overlays, later files win (--config configs/moe_llava_stablelm.toml "
+                        "--config configs/stgc.toml)")
+    p.add_argument("--resume", metavar="DIR|auto", help="continue a checkpoint (a run dir: its latest) exactly; 'auto': "
+                   "train.out_dir's latest checkpoint if there is one, else start afresh (torchrun --max-restarts)")
+    export = p.add_argument_group("export (instead of training)")
+    export.add_argument("--export-moe-llava", nargs="?", const="", metavar="CHECKPOINT",
+                        help="write a checkpoint (or a run dir's latest) in MoE-LLaVA / HF LLaVA layout")
+    export.add_argument("--to", metavar="OUT_DIR", help="where --export-moe-llava writes")
+    export.add_argument("--drop-trained-tower", action="store_true",
+                        help="export even though the vision tower was trained (MoE-LLaVA's layout has no place for it)")
+    args, rest = p.parse_known_args(argv)
+    if args.export_moe_llava is not None:
+        if not args.export_moe_llava or not args.to or rest or args.config or args.resume:
+            raise ConfigError(EXPORT_USAGE)
+    elif args.to or args.drop_trained_tower:
+        raise ConfigError(f"--to and --drop-trained-tower go with --export-moe-llava; {EXPORT_USAGE}")
+    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
+    if bad:
+        raise ConfigError(f"arguments must be --config FILE, --resume DIR or --section.key=value; got {bad}")
+    args.overrides = rest
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.export_moe_llava is not None:
+        return export_moe_llava(args.export_moe_llava, args.to, drop_trained_tower=args.drop_trained_tower)
+    return loop(restore(setup(args.config, args.overrides, args.resume)))
 
 # -----------------------------------------------------------------------------
 # Export to MoE-LLaVA / HF layout

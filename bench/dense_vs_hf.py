@@ -26,7 +26,7 @@ def tiny_config():
 
 
 def stablelm_1_6b_config():
-    """stabilityai/stablelm-2-1_6b's config.json values (reference/moe_llava.md §1.3)."""
+    """stabilityai/stablelm-2-1_6b's config.json values (docs/moe_llava.md §1.3)."""
     return tf.StableLmConfig(vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
                              num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                              use_qkv_bias=True, partial_rotary_factor=0.25, layer_norm_eps=1e-5,

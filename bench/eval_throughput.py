@@ -3,7 +3,7 @@ by side in one run (interleaved repeats, median):
 
   batched      model.py's LanguageModel.generate on a batch of prompts (left padding, KV cache: what eval.py
                runs, LlavaModel.generate being this after splicing the image features in)
-  batch-1      the same generate called once per prompt: MoE-LLaVA's evaluation style (reference/moe_llava.md
+  batch-1      the same generate called once per prompt: MoE-LLaVA's evaluation style (docs/moe_llava.md
                §5.1: batch size 1, model_vqa_loader.py and friends)
   transformers transformers' generate (greedy, KV cache) on the same left-padded batch, same dense model and weights
 

@@ -11,7 +11,7 @@
 Parts, in this order (time cap on the GPU; each cap includes the part's own start, ~10 s of imports):
   tests     tests/test_cuda.py on real CUDA: MoE loop == grouped == padded in bf16, KV cache == full forward,
             STGC fast == reference, bf16 loss close to fp32, train_step and train.py with fused AdamW
-  train     stage III at configs/moe_llava_stablelm_stgc.toml (StableLM-1.6B x 4 experts + CLIP-L/14-336, random
+  train     stage III at configs/moe_llava_stablelm.toml + stgc.toml (StableLM-1.6B x 4 experts + CLIP-L/14-336, random
             weights, micro-batch 8 x 2048 positions of which 576 image, activation checkpointing): train.py's
             train_step with STGC off / fast bias / fast full: step time, ratio, MFU, peak memory
             (bench/stgc_overhead.py)
@@ -134,7 +134,7 @@ def part_train(dry):
     import stgc_overhead
     import train_throughput as tt
     from model import VisionConfig
-    emit(f"Preset {os.path.relpath(stgc_overhead.PRESET, ROOT)}: its [train], [moe] and [stgc] sections, the model "
+    emit(f"Preset {' + '.join(os.path.relpath(p, ROOT) for p in stgc_overhead.PRESET)}: its [train], [moe] and [stgc] sections, the model "
          "built from scratch at these sizes (random weights). MFU counts the model's FLOPs (train.flops_per_step), "
          "not STGC's extra work nor the recomputation.")
     emit("")

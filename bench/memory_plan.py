@@ -106,15 +106,15 @@ def clip_l_336(select_layer=-2):
     return VisionConfig(select_layer=select_layer)
 
 
-PRESETS = [   # (row name, preset file, its LLM)
+PRESETS = [   # (row name, preset file (base+overlay: train.py --config base --config overlay), its LLM)
     ("MoE-LLaVA-StableLM-1.6B×4 (III)", "moe_llava_stablelm.toml", stablelm_2_1_6b),
-    ("MoE-LLaVA-StableLM-1.6B×4 (III) + STGC", "moe_llava_stablelm_stgc.toml", stablelm_2_1_6b),
+    ("MoE-LLaVA-StableLM-1.6B×4 (III) + STGC", "moe_llava_stablelm.toml+stgc.toml", stablelm_2_1_6b),
     ("StableLM-1.6B (II)", "moe_llava_stablelm_stage2.toml", stablelm_2_1_6b),
     ("MoE-LLaVA-Qwen-1.8B×4 (III)", "moe_llava_qwen.toml", qwen_1_8b),
-    ("MoE-LLaVA-Qwen-1.8B×4 (III) + STGC", "moe_llava_qwen_stgc.toml", qwen_1_8b),
+    ("MoE-LLaVA-Qwen-1.8B×4 (III) + STGC", "moe_llava_qwen.toml+stgc.toml", qwen_1_8b),
     ("Qwen-1.8B (II)", "moe_llava_qwen_stage2.toml", qwen_1_8b),
     ("MoE-LLaVA-Phi-2-2.7B×4 (III)", "moe_llava_phi2.toml", phi_2),
-    ("MoE-LLaVA-Phi-2-2.7B×4 (III) + STGC", "moe_llava_phi2_stgc.toml", phi_2),
+    ("MoE-LLaVA-Phi-2-2.7B×4 (III) + STGC", "moe_llava_phi2.toml+stgc.toml", phi_2),
     ("Phi-2-2.7B (II)", "moe_llava_phi2_stage2.toml", phi_2),
     ("LLaVA-MoLE Vicuna-7B", "mole_llava15.toml", vicuna_7b),
 ]
@@ -127,11 +127,16 @@ CONFIGS = os.path.join(common.ROOT, "configs")
 # 2. The preset at full size on the meta device
 
 
+def preset_files(preset) -> list:
+    """'base.toml+overlay.toml' (names under configs/, or paths) -> the files train.py's --config would layer."""
+    return [p if os.path.isfile(p) else os.path.join(CONFIGS, p) for p in preset.split("+")]
+
+
 def build(preset, lm_fn, overrides=(), device="meta", vision=None):
     """train.py's Config of a preset, its model built by train.build_model + set_trainable on `device`. The
     preset's init points at checkpoints that are not here, so the architecture is built from scratch at the
     real sizes (lm_fn) instead: the same modules, the same trainable set."""
-    cfg = load_config(os.path.join(CONFIGS, preset) if not os.path.isfile(preset) else preset, overrides)
+    cfg = load_config(preset_files(preset), overrides)
     cfg.init = InitConfig(source="scratch")
     cfg.model = LlavaConfig(vision=vision or clip_l_336(cfg.model.vision.select_layer), lm=lm_fn(),
                             projector=cfg.model.projector)
@@ -263,13 +268,12 @@ def lora_experts(m: LoRAExperts, S, device):
     E, r = m.cfg.num_experts, m.cfg.lora_rank
     D = m.base.down_proj.out_features if m.kind == "swiglu" else m.base.fc2.out_features
     s = Saved()
-    c_grad = m.router is not None and (m.cfg.mole_mixture == "soft" or m.cfg.mole_top1_gate != "one")
-    if m.router is not None:                              # router input, its fp32 softmax
-        s += Saved(act=S * F32 * D + S * F32 * E)
-        if c_grad:                                        # the chosen coefficient's gather: its index, and its input
-            s += Saved(act=S * 8 + S * F32 * E * (m.cfg.mole_mixture != "soft"))   # unless that is the softmax
-        if m.cfg.mole_mixture == "top1" and m.cfg.mole_top1_gate == "prob":
-            s += Saved(act=S * F32 * E)                   # the fp32 one-hot of onehot * p
+    c_grad = m.cfg.mole_mixture == "soft" or m.cfg.mole_top1_gate != "one"
+    s += Saved(act=S * F32 * D + S * F32 * E)             # router input, its fp32 softmax
+    if c_grad:                                            # the chosen coefficient's gather: its index, and its input
+        s += Saved(act=S * 8 + S * F32 * E * (m.cfg.mole_mixture != "soft"))   # unless that is the softmax
+    if m.cfg.mole_mixture == "top1" and m.cfg.mole_top1_gate == "prob":
+        s += Saved(act=S * F32 * E)                       # the fp32 one-hot of onehot * p
     names = FFN_PROJECTIONS[m.kind]
     for name in names:
         base = getattr(m.base, name)
@@ -321,7 +325,7 @@ def activations(model, B, T, n_text, n_sup, n_images, device="cuda") -> Activati
     out += Saved(act=n_sup * (F32 * V + 8))               # cross_entropy: fp32 log-probabilities, targets
     moe = lm.cfg.moe
     if moe is not None and moe.kind == "lora" and moe.mole_balance == "released":   # moe.mole_balance_loss
-        L, E = sum(isinstance(b.mlp, LoRAExperts) and b.mlp.router is not None for b in lm.layers), moe.num_experts
+        L, E = sum(isinstance(b.mlp, LoRAExperts) for b in lm.layers), moe.num_experts
         out += Saved(act=L * S * F32 * E + S * F32 + B * F32 + B * E * F32)   # each layer's softmax, the mask, counts, means
     held = len(lm.layers) * S * F32 * D + B * T * T       # each block's fp32 input, the bool mask (shared)
     # logits in the backward: nll_loss's fp32 gradient and log_softmax's input gradient, both [n_sup, V], while the
@@ -641,7 +645,7 @@ def check_lines():
     worst = 0.0
     runs = [(name, preset, fn, False) for name, preset, fn in PRESETS if "STGC" not in name]
     runs += [(name + ", bf16 parameters (FSDP2)", preset, fn, True) for name, preset, fn in PRESETS
-             if "STGC" not in name and load_config(os.path.join(CONFIGS, preset)).train.parallel == "fsdp"]
+             if "STGC" not in name and load_config(preset_files(preset)).train.parallel == "fsdp"]
     for name, preset, fn, bf16 in runs:
         for ac, r in check_preset(preset, fn, bf16_params=bf16).items():
             (ma, pa), (mw, pw) = r["act"], r["weights"]

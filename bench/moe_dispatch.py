@@ -5,7 +5,7 @@
   grouped  moe.py's torch._grouped_mm over the S*K assignments sorted by expert (no host sync)
   padded   moe.py's capacity-padded bmm over [E, C, D] buffers (no host sync, any dtype and GPU)
   einsum   DeepSpeed v0.9.5's capacity-buffer dispatch, which MoE-LLaVA actually trains with (written here
-           from reference/moe_llava.md §1.6 steps 3-10; not a copy of DeepSpeed): a one-hot dispatch mask
+           from docs/moe_llava.md §1.6 steps 3-10; not a copy of DeepSpeed): a one-hot dispatch mask
            [S, E, C], einsum into zero-padded expert buffers [E, C, D], one batched matmul per projection,
            einsum back with the combine weights [S, E, C].
 moe.py's impl='fast' is one of grouped / padded, chosen by `moe.dispatch_path`; the table names its choice.
@@ -34,7 +34,7 @@ from moe import MoEConfig, MoELayer, ffn_forward, router_logits
 
 
 def top2_gating(logits_SE, capacity_factor, min_capacity=0):
-    """DeepSpeed v0.9.5 top2gating (reference §1.6), with the deterministic second expert that moe.py uses
+    """DeepSpeed v0.9.5 top2gating (docs/moe_llava.md §1.6), with the deterministic second expert that moe.py uses
     by default (DeepSpeed samples it with Gumbel noise; the check needs both paths to choose alike).
     Returns the aux loss, the combine weights [S, E, C] and the dispatch mask [S, E, C]."""
     S, E = logits_SE.shape

@@ -4,7 +4,7 @@ MoE + STGC reference, for the 'bias' and 'full' gradient sources, measured side 
 
   tiny         a 4-layer LanguageModel step written here (CPU, fp32), every variant including the reference
   stage III    train.py's own `train_step` on the MoE-LLaVA-StableLM-1.6B-4e model of the preset
-               configs/moe_llava_stablelm_stgc.toml (its [train], [moe], [stgc]: micro-batch 8, activation
+               configs/moe_llava_stablelm.toml + configs/stgc.toml (its [train], [moe], [stgc]: micro-batch 8, activation
                checkpointing, bf16 autocast, fused AdamW), random weights, 2048 positions per sample of which
                576 are image features; STGC off / fast bias / fast full, with MFU and peak memory (CUDA only)
 
@@ -77,7 +77,7 @@ def bench(name, lm_cfg, B, T, device, dtype, repeats, variants):
 # -----------------------------------------------------------------------------
 # Stage III at the preset: train.py's train_step with STGC off / fast bias / fast full
 
-PRESET = os.path.join(common.ROOT, "configs", "moe_llava_stablelm_stgc.toml")
+PRESET = [os.path.join(common.ROOT, "configs", f) for f in ("moe_llava_stablelm.toml", "stgc.toml")]   # --config x2
 VARIANTS = {"off": None, "fast bias": "bias", "fast full": "full"}   # name -> grad_source
 STAGE3_TABLE = ["| model (preset) | STGC | micro-batch x seq, act. ckpt | step ms | vs STGC off | tokens/s | MFU | "
                 "peak memory | conflict ratio |", "|---|---|---|---|---|---|---|---|---|"]

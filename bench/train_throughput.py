@@ -53,7 +53,7 @@ def tiny_vision():
 
 def make_ctx(stage, lm_cfg, vision_cfg, device, base: Config = None):
     """train.py's Context for `stage` on a model of these sizes with random weights. base: a loaded preset whose
-    [train], [moe] and [stgc] sections to keep (bench/stgc_overhead.py passes configs/moe_llava_stablelm_stgc.toml)."""
+    [train], [moe] and [stgc] sections to keep (bench/stgc_overhead.py passes configs/moe_llava_stablelm.toml + stgc.toml)."""
     cfg = base or Config(train=TrainConfig(stage=stage, dtype="bf16"),
                          moe=MoEConfig(num_experts=4, top_k=2, capacity_factor=1.5, layers="sparse"))
     cfg.train.stage, cfg.init, cfg.model = stage, InitConfig(), LlavaConfig(vision=vision_cfg, lm=lm_cfg)   # scratch

@@ -48,7 +48,7 @@ def answers_for(questions, texts):
             for q in questions if q.question_id in texts]
 
 # -----------------------------------------------------------------------------
-# EvalAI answer normalisation (reference §5.3)
+# EvalAI answer normalisation (docs/moe_llava.md §5.3)
 
 
 @pytest.mark.parametrize("raw,expected", [
@@ -998,3 +998,35 @@ def test_malformed_answer_file_is_named(setup, tmp_path):
     (folder / "1_0.jsonl").write_text('{"question_id": "000000"\n{"question_id": "000001", "prompt": "x", "text": "y"}\n')
     with pytest.raises(DataFileError, match=r"1_0.jsonl:1: not an answer record"):
         ev.run(config(setup, tmp_path, benchmark="gqa"), rank=0, world=1)
+
+
+def test_conflict_statistics_use_the_checkpoints_stgc_settings(setup, tmp_path):
+    """A checkpoint trained with STGC 'full' gradients and tau = 0.5 is measured with those, not the defaults."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(setup["ckpt"], ckpt)
+    config_json = json.load(open(ckpt / "config.json"))
+    config_json["train_config"] = {"stgc": {"enabled": True, "grad_source": "full", "threshold": 0.5, "mean_scope": "global"}}
+    json.dump(config_json, open(ckpt / "config.json", "w"))
+    stgc = ev.checkpoint_stgc_config(config_json)
+    assert (stgc.grad_source, stgc.threshold, stgc.mean_scope) == ("full", 0.5, "rank")   # rank 0 computes alone
+    cfg = dataclasses.replace(config(setup, tmp_path, conflicts=os.path.join(setup["syn"], "val.json"), conflict_samples=4),
+                              checkpoint=str(ckpt))
+    model, tok, data_cfg, _ = ev.load_model(cfg, torch.device("cpu"))
+    stats = ev.conflict_statistics(model, tok, data_cfg, cfg, torch.device("cpu"))
+    assert stats["grad_source"] == "full" and stats["threshold"] == 0.5
+    default = ev.conflict_statistics(model, tok, data_cfg, cfg, torch.device("cpu"), STGCConfig())
+    assert [layer["pairs"] for layer in stats["layers"]] == [layer["pairs"] for layer in default["layers"]]
+    assert stats["layers"][0]["conflict_ratio"] > default["layers"][0]["conflict_ratio"]   # tau 0.5 > 0: more conflicts
+
+
+def test_single_question_mode_answers_as_the_runner_does(setup, reference_answers, capsys):
+    """--image FILE --question "...": the greedy answer of the benchmark runner for the same turn, printed."""
+    cfg = config(setup, setup["root"] / "reference")
+    q = ev.load_benchmark(cfg, "pope")[0][0]
+    answer = json.loads(reference_answers["pope"].decode().splitlines()[0])["text"]
+    question = q.user.removeprefix(data.IMAGE_PLACEHOLDER + "\n")
+    ev.main(["--checkpoint", setup["ckpt"], "--image", q.image, "--question", question, "--max-new-tokens", str(MAX_NEW),
+             "--device", "cpu"])
+    assert capsys.readouterr().out.strip() == answer
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--checkpoint", setup["ckpt"], "--image", q.image])     # --image needs --question

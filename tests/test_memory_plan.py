@@ -86,7 +86,7 @@ def test_oversized_setting_is_flagged_and_a_setting_named():
 def test_presets_plan():
     """The shipped StableLM stage-III presets fit; STGC adds its hook buffers and nothing else."""
     plain = mp.plan("plain", "moe_llava_stablelm.toml", mp.stablelm_2_1_6b)
-    stgc = mp.plan("stgc", "moe_llava_stablelm_stgc.toml", mp.stablelm_2_1_6b)
+    stgc = mp.plan("stgc", "moe_llava_stablelm.toml+stgc.toml", mp.stablelm_2_1_6b)
     assert plain.verdict == "fits" and plain.gb["stgc"] == 0
     assert stgc.gb["stgc"] > 0 and stgc.total == pytest.approx(plain.total + stgc.gb["stgc"])
     assert plain.gb["act ckpt on"] < plain.gb["act ckpt off"] / 3

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 import tiny_hf
 from model import GeluMLP, LanguageModel, LlavaModel, LMConfig, SwiGLU, to_hf_state_dict
-from moe import LoRAExperts, MoEConfig, MoELayer, capacity, dispatch_path, is_moe_trainable, route
+from moe import (LoRAExperts, LoRALinear, MoEConfig, MoELayer, RoutingRecord, capacity, dispatch_path, is_moe_trainable,
+                 is_routed, route)
 
 # ---------------------------------------------------------------------------------------------
 # Gating, by hand
@@ -291,6 +292,52 @@ def test_plain_lora_baseline_has_no_router():
     out = lm(input_ids=tiny_hf_ids())
     assert out.routing == [] and (out.logits - dense_logits).abs().max() < 1e-5
     assert all(getattr(b.mlp, "router", None) is None for b in lm.layers)
+    # built from LoRALinear on the MLP projections; not a routed layer, unlike every MoE / MoLE layer
+    assert all(isinstance(b.mlp.gate_proj, LoRALinear) and not is_routed(b.mlp) for b in lm.layers)
+
+
+def test_every_routed_layer_returns_its_routing_record():
+    x = torch.randn(2, 5, 64)
+    for kind, n, k in (("ffn", 4, 2), ("lora", 3, 1)):
+        _, _, lm = moe_lm(kind=kind, num_experts=n, top_k=k, lora_rank=4)
+        layer = next(b.mlp for b in lm.layers if is_routed(b.mlp))
+        y, record = layer(x[..., :layer.router.in_features])
+        assert isinstance(record, RoutingRecord) and record.module is layer and record.output is y
+        assert record.router_logits.shape == (10, n) and record.experts.shape == record.kept.shape == (10, k)
+
+
+def test_plain_lora_checkpoints_of_the_old_layout_still_load(tmp_path):
+    """Before issue 17 plain LoRA was a one-expert LoRAExperts: mlp.base.<proj>.weight, mlp.lora_A.<proj> [1, r, in].
+    model.plain_lora_v1 maps that layout onto the LoRALinear one; the logits are the same."""
+    from model import LlavaConfig, VisionConfig
+    from safetensors.torch import load_file
+    cfg = LlavaConfig(vision=VisionConfig(image_size=32, patch_size=16, hidden_size=32, intermediate_size=64, num_layers=1,
+                                          num_heads=2), lm=LMConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                                    num_layers=2, num_heads=2))
+    torch.manual_seed(0)
+    model = LlavaModel(cfg)
+    model.lm.install_moe(MoEConfig(kind="lora", num_experts=1, top_k=1, layers="dense", lora_rank=4))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    model.eval().save_pretrained(str(tmp_path / "new"))
+    old = {}
+    for k, v in load_file(str(tmp_path / "new" / "model.safetensors")).items():
+        m = re.fullmatch(r"(lm\.layers\.\d+\.mlp)\.(\w+)\.(base\.weight|base\.bias|lora_A|lora_B)", k)
+        if m is None:
+            old[k] = v
+        elif m[3].startswith("base"):
+            old[f"{m[1]}.base.{m[2]}.{m[3][5:]}"] = v
+        else:
+            old[f"{m[1]}.{m[3]}.{m[2]}"] = v[None].contiguous()
+    assert any(".mlp.lora_A.gate_proj" in k for k in old)
+    os.makedirs(tmp_path / "old")
+    save_file(old, str(tmp_path / "old" / "model.safetensors"))
+    json.dump(json.load(open(tmp_path / "new" / "config.json")), open(tmp_path / "old" / "config.json", "w"))
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    a, b = LlavaModel.from_pretrained(str(tmp_path / "new")), LlavaModel.from_pretrained(str(tmp_path / "old"))
+    assert torch.equal(a.lm(input_ids=ids).logits, b.lm(input_ids=ids).logits)
 
 # ---------------------------------------------------------------------------------------------
 # MoE-LLaVA checkpoints (stage III): keys in, keys out

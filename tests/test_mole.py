@@ -1,5 +1,5 @@
 """LLaVA-MoLE as released (docs/llava_mole.md). A tiny checkpoint written here in the released layout
-(../shared/reference/llava_mole_release.md §4) is loaded by model.load_mole_release and compared with a slow
+(docs/llava_mole.md §5) is loaded by model.load_mole_release and compared with a slow
 reference of the released forward, also written here from the facts: HF's CLIPVisionModel and LlamaForCausalLM
 (what the release runs) in float64, with its LoRA-expert MLPs, attention LoRA, projector and start / end tokens
 patched in as plain loops. Then the released balance loss, the top-1 coefficients, the options' errors, STGC on
@@ -35,7 +35,7 @@ def tiny_llama():
 
 
 def released_state_dict(hf_lm, hf_clip, spelling="weight", frozen=True, seed=0):
-    """The released module tree's names (reference §4): expert LoRA A [r, in] / B [out, r] per projection and
+    """The released module tree's names (docs/llava_mole.md §5): expert LoRA A [r, in] / B [out, r] per projection and
     expert, routers with a bias, peft attention LoRA, in_adaptor, the tower under vit.vision_tower. frozen=False:
     only the trainable tensors (the release loads with strict=False, so both are valid files)."""
     g = torch.Generator().manual_seed(seed)
@@ -84,7 +84,7 @@ def release(tmp_path_factory):
     return dict(root=root, hf_lm=hf_lm, hf_clip=hf_clip, files=files, sd=released_state_dict(hf_lm, hf_clip))
 
 # ---------------------------------------------------------------------------------------------
-# The reference: the released forward, float64, from the facts (reference §1), independent of model.py / moe.py
+# The reference: the released forward, float64, from the facts (docs/llava_mole.md §1), independent of model.py / moe.py
 
 
 class RefLoRA(nn.Module):

@@ -178,12 +178,30 @@ def test_stgc_reference_trains_and_export_round_trips(synthetic, tmp_path):
     assert torch.equal(ours(input_ids=ids).logits, exported(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("preset", sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".toml")))
+def is_overlay(preset):
+    """An overlay (configs/stgc.toml, ...) sets no train.stage: it is layered on a preset (--config twice)."""
+    import tomllib
+    return "stage" not in tomllib.load(open(os.path.join(ROOT, "configs", preset), "rb")).get("train", {})
+
+
+PRESETS = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".toml"))
+STAGE3 = [f for f in PRESETS if not is_overlay(f) and train.load_config(os.path.join(ROOT, "configs", f)).train.stage == "moe"
+          and train.load_config(os.path.join(ROOT, "configs", f)).moe.kind == "ffn"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_parses(preset):
-    cfg = train.load_config(os.path.join(ROOT, "configs", preset))
-    assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
-    if "stgc" in preset:
-        assert cfg.stgc.enabled and cfg.train.stage == "moe"
+    """Every preset alone; every overlay on every stage-III MoE preset (its bases: moe_llava_{stablelm,qwen,phi2})."""
+    bases = [[f] for f in STAGE3] if is_overlay(preset) else [[]]
+    assert STAGE3 and all(b == [] or "moe_llava" in b[0] for b in bases)
+    for base in bases:
+        cfg = train.load_config([os.path.join(ROOT, "configs", f) for f in base + [preset]])
+        assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
+        if "stgc" in preset:
+            assert cfg.stgc.enabled and cfg.train.stage == "moe"
+    if preset == "stgc.toml":                                          # STGC + aux-loss-free: three files, later wins
+        cfg = train.load_config([os.path.join(ROOT, "configs", f) for f in ("moe_llava_stablelm.toml", "auxfree.toml", preset)])
+        assert cfg.stgc.enabled and cfg.moe.expert_bias and cfg.moe.aux_loss_coef == 0.0
 
 
 def test_non_finite_losses_skip_then_abort(synthetic, tmp_path):

@@ -93,7 +93,7 @@ def hf_full_clip(seed=0):
 
 # ---------------------------------------------------------------------------------------------
 # Qwen-1: no class in transformers. A tiny random checkpoint under its real key names, and a slow
-# reference written from the documented architecture (reference/moe_llava.md §1.3, §2.2): fused
+# reference written from the documented architecture (docs/moe_llava.md §1.3, §2.2): fused
 # c_attn with bias, RMSNorm ln_1/ln_2/ln_f, rotate-half RoPE on all head dims, causal softmax
 # attention, MLP c_proj(w1(x) * silu(w2(x))), untied lm_head. Float64, one head at a time.
 
