@@ -30,7 +30,7 @@ from model import KVCache  # noqa: E402
 from stgc import STGC, STGCConfig  # noqa: E402
 from test_model import our_random_lm, random_ids  # noqa: E402
 from test_stgc import ALPHA, batch, run, tiny_moe_lm  # noqa: E402
-from test_train import data_overrides, log_of, run_train, synthetic  # noqa: E402,F401  (synthetic: a fixture)
+from test_train import data_overrides, log_of, run_train  # noqa: E402  (the synthetic fixture: conftest.py)
 
 CUDA = DEVICE.type == "cuda"
 SM90 = not CUDA or torch.cuda.get_device_capability(DEVICE) >= (9, 0)

@@ -10,17 +10,9 @@ import sys
 import pytest
 
 import train
-from data import build_synthetic_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.toml")
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("synthetic"))
-    build_synthetic_dataset(out, seed=0, n_train=64, n_val=8, n_test=16, image_size=32)
-    return out
 
 
 def data_args(syn, **changes):
