@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import time
 
 import torch
@@ -166,6 +167,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     try:
         return run_demo(args)
+    except train.Stopped as e:                                         # Ctrl-C: no table of a half-trained model
+        sys.exit(f"demo: {e}; rerun demo.py to start it again")
     finally:
         torch.set_num_threads(previous)                                # tests call main in-process
 

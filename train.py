@@ -880,6 +880,12 @@ def router_terms(routing, coef, fn):
         return torch.stack([fn(r) for r in routing])
 
 
+class Stopped(Exception):
+    """A run that a signal stopped before its last step, after its checkpoint was saved: train.py exits 0 (a
+    preempted job is resumed, not failed); in-process callers (demo.py, bench/experiment.py) stop instead of
+    evaluating a half-trained model."""
+
+
 class StopRequest:
     """SIGINT / SIGTERM (Ctrl-C, a scheduler's preemption, torchrun stopping workers before an elastic restart)
     ask the loop to stop at the next step boundary: it saves a checkpoint there and exits cleanly, so --resume auto
@@ -1050,42 +1056,44 @@ def loop(run: Run) -> str:
     raw.train()
     loader_collate = lambda samples: collate(samples, ctx.tokenizer.pad_id, "right", cfg.data.image_size)   # noqa: E731
     stop = StopRequest()
-    while step < total_steps and not stop.stopping:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=tc.micro_batch_size, sampler=ctx.sampler,
-                                             collate_fn=loader_collate, num_workers=tc.num_workers, drop_last=True)
-        for micro in global_batches(loader, accum, dataset.stats):
-            t0 = time.perf_counter()
-            log = train_step(ctx, micro, step, total_steps)
-            consumed += accum * tc.micro_batch_size
-            drawn += accum * tc.micro_batch_size
-            step += 1
-            dt = time.perf_counter() - t0
-            n_images = sum(len(mb["images"]) for mb in micro) * world
-            # positions the LM processes: each <image> placeholder becomes the tower's P feature positions
-            n_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro) * world
-            n_tokens += n_images * (raw.cfg.image_positions - 1)
-            log |= {"epoch": epoch, "step_time": dt, "tokens_per_s": n_tokens / dt}
-            if peak:
-                log["mfu"] = flops_per_step(raw, n_tokens, n_images) / dt / (peak * world)
-            if rank == 0:
-                if step % tc.log_every == 0 or step == total_steps:
-                    log_file.write(json.dumps(log) + "\n")
-                    log_file.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{log['lm_loss']:.3f}", lr=f"{log.get('lr', 0):.1e}")
-            check_skips(dataset.stats, len(dataset.stats.skipped) - run.load_skipped, drawn, cfg.data.max_skip_share,
-                        tc.out_dir, rank, f"step {step}")        # records that fail only when read (images, length)
-            if step == total_steps or stop.requested(world, ctx.device):
-                break
-            if tc.save_every and step % tc.save_every == 0:
-                save_checkpoint(ctx, step, consumed, epoch)
-        else:                                                         # the epoch ran out
-            epoch, consumed = epoch + 1, 0
-            ctx.sampler.set_epoch(epoch)
-    bar.close()
-    stop.restore()
+    try:
+        while step < total_steps and not stop.stopping:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=tc.micro_batch_size, sampler=ctx.sampler,
+                                                 collate_fn=loader_collate, num_workers=tc.num_workers, drop_last=True)
+            for micro in global_batches(loader, accum, dataset.stats):
+                t0 = time.perf_counter()
+                log = train_step(ctx, micro, step, total_steps)
+                consumed += accum * tc.micro_batch_size
+                drawn += accum * tc.micro_batch_size
+                step += 1
+                dt = time.perf_counter() - t0
+                n_images = sum(len(mb["images"]) for mb in micro) * world
+                # positions the LM processes: each <image> placeholder becomes the tower's P feature positions
+                n_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro) * world
+                n_tokens += n_images * (raw.cfg.image_positions - 1)
+                log |= {"epoch": epoch, "step_time": dt, "tokens_per_s": n_tokens / dt}
+                if peak:
+                    log["mfu"] = flops_per_step(raw, n_tokens, n_images) / dt / (peak * world)
+                if rank == 0:
+                    if step % tc.log_every == 0 or step == total_steps:
+                        log_file.write(json.dumps(log) + "\n")
+                        log_file.flush()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{log['lm_loss']:.3f}", lr=f"{log.get('lr', 0):.1e}")
+                check_skips(dataset.stats, len(dataset.stats.skipped) - run.load_skipped, drawn, cfg.data.max_skip_share,
+                            tc.out_dir, rank, f"step {step}")        # records that fail only when read (images, length)
+                if step == total_steps or stop.requested(world, ctx.device):
+                    break
+                if tc.save_every and step % tc.save_every == 0:
+                    save_checkpoint(ctx, step, consumed, epoch)
+            else:                                                         # the epoch ran out
+                epoch, consumed = epoch + 1, 0
+                ctx.sampler.set_epoch(epoch)
+    finally:                                                          # the handlers go back even on an error
+        bar.close()
+        stop.restore()
     if stop.stopping:
-        print(f"stopped at step {step} of {total_steps} ({stop.name}): saving a checkpoint; continue with --resume auto")
+        print(f"stopped at step {step} of {total_steps} ({stop.name}): saving a checkpoint")
     last_saved = save_checkpoint(ctx, step, consumed, epoch)
     if rank == 0:
         print(dataset.report())
@@ -1095,6 +1103,8 @@ def loop(run: Run) -> str:
         log_file.close()
     if world > 1:
         dist.destroy_process_group()
+    if stop.stopping:                       # not finished: a caller (demo.py, bench/) must not go on as if it were
+        raise Stopped(f"stopped at step {step} of {total_steps} ({stop.name}); {last_saved} saved: continue with --resume auto")
     return last_saved
 
 
@@ -1214,3 +1224,5 @@ if __name__ == "__main__":
         main()
     except (ConfigError, DataError) as e:                             # a mistake in the command or data: one line
         sys.exit(f"error: {e}")
+    except Stopped as e:                                              # SIGINT / SIGTERM: saved, resumable, exit 0
+        print(e)

@@ -209,3 +209,21 @@ def test_eval_names_a_missing_conflicts_file_before_generating(tmp_path):
     import eval as ev
     with pytest.raises(ValueError, match="--conflicts '/no/such.json' not found"):
         ev.EvalConfig(checkpoint=str(tmp_path), conflicts="/no/such.json")
+
+
+def test_a_stopped_run_is_not_taken_for_a_finished_one(synthetic, tmp_path, monkeypatch):
+    """After SIGINT / SIGTERM, train.main saves and raises Stopped, so demo.py / bench/experiment.py, which call it
+    in-process, never evaluate a half-trained model as if it were done (train.py itself still exits 0); the signal
+    handlers are back afterwards."""
+    import signal
+    before = signal.getsignal(signal.SIGTERM)
+
+    class SignalAtFirstStep(train.StopRequest):
+        def requested(self, world, device):
+            self.name, self.stopping = "SIGTERM", True
+            return True
+    monkeypatch.setattr(train, "StopRequest", SignalAtFirstStep)
+    out = tmp_path / "run"
+    with pytest.raises(train.Stopped, match=r"stopped at step 1 of 4 \(SIGTERM\); .*step_000001 saved: continue with --resume auto"):
+        train.main(["--config", SMOKE] + data_args(synthetic) + [f"--train.out_dir={out}"])
+    assert (out / "step_000001" / "trainer_state.pt").is_file() and signal.getsignal(signal.SIGTERM) is before
