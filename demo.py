@@ -52,8 +52,8 @@ DOMAINS = ("color", "count", "spatial", "ocr", "pope", "mc", "text")
 QUICK = ["--train.max_steps=2", "--train.global_batch_size=4", "--train.micro_batch_size=2"]
 
 
-# One CPU thread: a demo step is a few hundred small ops, so a 2-thread OpenMP team gains little even on 2 idle
-# cores and loses 2-4x as soon as another job takes one of them (bench/demo_threads.py, bench/RESULTS.md).
+# One CPU thread: on 2 idle cores 2 threads are 1.7-1.9x faster, but as soon as another job takes a core they are
+# 1.7-4x slower (a demo step is many small ops, each waiting for the preempted thread): bench/demo_threads.py, README.
 DEFAULT_THREADS = 1
 DATA = dict(seed=0, n_train=4000, n_val=200, n_test=400, image_size=48)      # build_synthetic_dataset's defaults
 QUICK_DATA = DATA | dict(n_train=64, n_val=8, n_test=16)
