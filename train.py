@@ -724,6 +724,15 @@ class Context:
     probe: STGC = None                 # stgc.measure without STGC: conflict statistics only (made by train_step)
 
 
+def single_process_context(cfg: Config, tokenizer: Tokenizer) -> Context:
+    """One CPU process's Context for cfg's stage (model built as `build_model` does, its trainable set, AdamW, STGC as
+    configured): what tests and bench scripts drive `train_step` with, without main's run dir or data loading."""
+    model = set_trainable(build_model(cfg, tokenizer.vocab_size), cfg.train).train()
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train), lr=cfg.train.lr)
+    return Context(cfg, model, model, optimizer, None, 0, 1, torch.device("cpu"), {}, tokenizer,
+                   STGC(cfg.stgc) if cfg.stgc.enabled else None)
+
+
 def all_reduce_sum(t, world):
     if world > 1:
         dist.all_reduce(t)

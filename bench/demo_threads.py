@@ -38,11 +38,7 @@ def demo_step(data_dir: str, stage: str):
     tok = Tokenizer.load(cfg.data.tokenizer_path, cfg.data.tokenizer_family)
     ds = LlavaJsonDataset(cfg.data, tok)
     torch.manual_seed(0)
-    model = train.set_trainable(train.build_model(cfg, tok.vocab_size), cfg.train).train()
-    opt = torch.optim.AdamW(train.param_groups(model, cfg.train), lr=cfg.train.lr)
-    from stgc import STGC
-    ctx = train.Context(cfg, model, model, opt, None, 0, 1, torch.device("cpu"), {}, tok,
-                        STGC(cfg.stgc) if cfg.stgc.enabled else None)
+    ctx = train.single_process_context(cfg, tok)
     B = cfg.train.micro_batch_size
     batch = collate([ds[i] for i in range(B)], tok.pad_id, "right", cfg.data.image_size)
     return lambda: train.train_step(ctx, [batch], 10, 1000)

@@ -316,10 +316,8 @@ def smoke_step(tmp_path_factory):
         tok = Tokenizer.load(cfg.data.tokenizer_path, cfg.data.tokenizer_family)
         ds = LlavaJsonDataset(cfg.data, tok)
         torch.manual_seed(0)
-        model = train.set_trainable(train.build_model(cfg, tok.vocab_size), cfg.train).train()
-        opt = torch.optim.AdamW(train.param_groups(model, cfg.train), lr=cfg.train.lr)
-        ctx = train.Context(cfg, model, model, opt, None, 0, 1, torch.device("cpu"), {}, tok,
-                            STGC(cfg.stgc) if cfg.stgc.enabled else None)
+        ctx = train.single_process_context(cfg, tok)
+        model = ctx.raw
         mb = collate([ds[i] for i in range(2)], tok.pad_id, "right", cfg.data.image_size)
         logs = [train.train_step(ctx, [mb], k, 10) for k in range(steps)]
         return logs, model

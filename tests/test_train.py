@@ -215,14 +215,11 @@ def test_logged_routing_statistics_cover_every_micro_batch(synthetic):
     """With accumulation the log's per-layer STGC stats and expert load are of the whole step, not of its last
     micro-batch: a step over two micro-batches counts the pairs of both (lr 0: the weights do not move)."""
     from data import LlavaJsonDataset, Tokenizer, collate
-    from stgc import STGC
     cfg = train.load_config(SMOKE, data_overrides(synthetic) + ["--train.stage=moe", "--stgc.enabled=true", "--train.lr=0.0"])
     tok = Tokenizer.load(cfg.data.tokenizer_path, cfg.data.tokenizer_family)
     ds = LlavaJsonDataset(cfg.data, tok)
     torch.manual_seed(0)
-    model = train.set_trainable(train.build_model(cfg, tok.vocab_size), cfg.train).train()
-    opt = torch.optim.AdamW(train.param_groups(model, cfg.train), lr=0.0)
-    ctx = train.Context(cfg, model, model, opt, None, 0, 1, torch.device("cpu"), {}, tok, STGC(cfg.stgc))
+    ctx = train.single_process_context(cfg, tok)
     mbs = [collate([ds[i] for i in range(k, k + 2)], tok.pad_id, "right", cfg.data.image_size) for k in (0, 2)]
     both = train.train_step(ctx, mbs, 5, 10)
     each = [train.train_step(ctx, [mb], 5, 10) for mb in mbs]
