@@ -666,9 +666,10 @@ def check_before_work(cfg: Config, records: list):
                           f"--data.image_size={tower}")
     try:
         os.makedirs(cfg.train.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.train.out_dir, ".write_test"), "w"):
+        probe = os.path.join(cfg.train.out_dir, f".write_test.{os.getpid()}")   # one per rank: ranks check at once
+        with open(probe, "w"):
             pass
-        os.remove(os.path.join(cfg.train.out_dir, ".write_test"))
+        os.remove(probe)
     except OSError as e:
         raise ConfigError(f"train.out_dir={cfg.train.out_dir!r} is not writable ({e.strerror}): choose another") from None
 
