@@ -44,7 +44,8 @@ def lm_config(family, kind):
     else:
         cfg = LMConfig.from_hf(tiny_hf.lm_configs()[family].to_dict())
     cfg.moe = (MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, layers=[0, 1]) if kind == "ffn" else
-               MoEConfig(kind="lora", num_experts=3, top_k=1, layers="dense", lora_rank=8, attn_lora_rank=8))
+               MoEConfig(kind="lora", num_experts=3, top_k=1, layers="dense", lora_rank=8, attn_lora_rank=8,
+                         mole_router_bias=True, mole_mixture="soft", mole_balance="released"))   # as released
     return cfg
 
 
@@ -263,7 +264,8 @@ def test_under_bf16_autocast_expert_matmuls_run_in_bf16(kind, impl):
     if kind == "ffn" and impl in ("fast", "grouped"):
         assert any(name.startswith("_grouped_mm") for name, *_ in ffn)
     S, D, E = ids.numel(), cfg.hidden_size, cfg.moe.num_experts     # the router: [S, D] x [D, E] and its two grads
-    routers = [c for c in spy.calls if c[0] == "mm.default" and E in sum(c[2], ()) and set(sum(c[2], ())) <= {S, D, E}]
+    routers = [c for c in spy.calls if c[0] in ("mm.default", "addmm.default") and E in sum(c[2], ())   # addmm: a router bias
+               and set(sum(c[2], ())) <= {S, D, E}]
     assert len(routers) >= 3 * 2 and all(d == torch.float32 for c in routers for d in c[1]), routers   # fwd + 2 grads
     for p in lm.parameters():
         assert p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32)
