@@ -675,6 +675,13 @@ def parse_record(rec, template: Template, cfg: DataConfig) -> tuple[list[str], l
     return turns, [os.path.join(cfg.image_folder, p) for p in images]
 
 
+def file_sha256(path: str) -> str:
+    """The file's sha256, streamed: what train.py's run identity and eval.py's answer fingerprint compare."""
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def read_records(path: str) -> list:
     """The records of a LLaVA JSON file (a list of objects) or of a .jsonl file (one object per line). A syntax
     error is a DataError naming the file, line and column: a 1 GB instruction mix is not searched by hand."""

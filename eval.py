@@ -54,7 +54,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from benchmarks import BENCHMARKS, DataFileError, Question, read_json, record_key
-from data import (IMAGE_PLACEHOLDER, TEMPLATES, DataConfig, LlavaJsonDataset, Tokenizer, check_template, collate, load_image, process_image)
+from data import (IMAGE_PLACEHOLDER, TEMPLATES, DataConfig, LlavaJsonDataset, Tokenizer, check_template, collate, file_sha256,
+                  load_image, process_image)
 from model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaModel, latest_checkpoint, setup_distributed
 from moe import check_choice, is_routed
 from stgc import STGCConfig, find_conflicts
@@ -353,11 +354,6 @@ def shard(items: list, rank: int, world: int) -> list:
 FINGERPRINT = "fingerprint.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "tokenizer_config.json", "special_tokens_map.json")
-
-
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()                    # streamed, 1 MiB at a time
 
 
 def weight_files(folder: str) -> list[str]:

@@ -53,7 +53,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import DataConfig, DataError, LlavaJsonDataset, ModalityLengthGroupedSampler, Tokenizer, collate, read_records
+from data import (DataConfig, DataError, LlavaJsonDataset, ModalityLengthGroupedSampler, Tokenizer, collate, file_sha256,
+                  read_records)
 from model import (IGNORE_INDEX, LanguageModel, LlavaConfig, LlavaModel, VisionConfig, VisionTower, Projector, latest_checkpoint,
                    saved_moe_config, setup_distributed, to_hf_state_dict)
 from moe import (RUNTIME_FIELDS, STRUCTURAL_FIELDS, MoEConfig, MoELayer, check_choice, is_moe_trainable, is_routed,
@@ -510,15 +511,6 @@ def flat(d: dict, prefix="") -> dict:
     return out
 
 
-def sha256_file(path: str) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def code_version() -> str:
     """sha256 (first 12 hex) of the source files a run executes: recorded, not part of the identity (a resume
     after a bug fix is allowed, and printed)."""
@@ -590,7 +582,7 @@ def claim_run_dir(cfg: Config, resume: str | None, rank: int) -> dict:
     """Check that cfg.train.out_dir may take this run (see the section comment), write its run.json, and return
     the run's identity. Rank 0 writes; every rank checks (all raise the same error)."""
     out = cfg.train.out_dir
-    ident = run_identity(cfg, sha256_file(cfg.data.data_path))
+    ident = run_identity(cfg, file_sha256(cfg.data.data_path))
     path = os.path.join(out, "run.json")
     old = json.load(open(path)) if os.path.isfile(path) else None
     code = code_version()

@@ -26,6 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from demo import DOMAINS, conflict_curve, domain_scores, evaluate, train_stage  # noqa: E402
+from data import file_sha256  # noqa: E402
 from eval import read_json  # noqa: E402
 
 # Stage-III overrides of configs/demo.toml per variant. "Measure only" runs compute the conflicts with the
@@ -62,13 +63,11 @@ def run_key(variant: str, seed: int, overrides: list, args) -> dict:
     import hashlib
     import train
     base = train.latest_checkpoint(args.base)
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        h.update(open(os.path.join(base, name), "rb").read())
+    h = hashlib.sha256("".join(file_sha256(os.path.join(base, n)) for n in ("config.json", "model.safetensors")).encode())
     eval_code = hashlib.sha256(b"".join(open(os.path.join(os.path.dirname(__file__), "..", n), "rb").read()
                                         for n in ("eval.py", "benchmarks.py", "routing.py", "demo.py"))).hexdigest()[:12]
     return {"variant": variant, "seed": seed, "overrides": overrides, "base": h.hexdigest()[:16],
-            "data": train.sha256_file(os.path.join(args.data, "train.json"))[:16], "max_samples": args.max_samples,
+            "data": file_sha256(os.path.join(args.data, "train.json"))[:16], "max_samples": args.max_samples,
             "train_code": train.code_version(), "eval_code": eval_code}
 
 
